@@ -1,0 +1,4 @@
+"""Per-environment defaults (`config/<env>.py`) and process settings (gunicorn, RQ).
+
+Environment variables always win over these files.
+"""

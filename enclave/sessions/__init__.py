@@ -1,0 +1,1 @@
+"""Sessions: one run of code in a sandbox, from request to result."""
