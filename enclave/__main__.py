@@ -1,0 +1,5 @@
+"""`python -m enclave <command>`: see `enclave.cli`."""
+
+from enclave.cli import main
+
+main()

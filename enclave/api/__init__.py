@@ -1,0 +1,1 @@
+"""The HTTP API: flask-smorest blueprints, schemas and the error handler."""

@@ -1,0 +1,1 @@
+"""Session events: numbered, stored, published, and relayed to SSE clients."""

@@ -1,0 +1,1 @@
+"""RQ job functions, worker start-up and the reaper."""

@@ -1,0 +1,132 @@
+"""The launch job: runs one session on the backend, start to finish.
+
+Lifecycle, in the RQ work horse:
+1. Load the session; a session no longer `queued` (a DELETE won the race) is
+   left alone.
+2. Take the lease (see `workers.lease`), so that the reaper can tell a live
+   worker from a dead one, and listen for stop requests.
+3. Move to `provisioning`, audit `session.launched`, build the `LaunchSpec`
+   and hand it to the backend with a `SessionSink`.
+4. Whatever happens, the session ends with a result: a backend that raises or
+   returns without one leaves it `failed` with a generic error.
+5. Release what the backend holds (`Orchestrator.reclaim`) and the lease.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from enclave import audit
+from enclave.db import connection
+from enclave.events.sink import SessionSink
+from enclave.models import Session
+from enclave.sessions.spec import (
+    TERMINAL_PHASES,
+    EgressPolicy,
+    GitSource,
+    LaunchSpec,
+    Limits,
+    Phase,
+    SessionResult,
+)
+from workers.lease import SessionLease
+from workers.runtime import runtime
+
+logger = logging.getLogger(__name__)
+
+TERMINAL_VALUES = {phase.value for phase in TERMINAL_PHASES}
+
+
+def build_spec(session: Session) -> LaunchSpec:
+    git = (session.source or {}).get("git")
+    return LaunchSpec(
+        session_id=session.id,
+        code=session.code,
+        language=session.language,
+        limits=Limits.from_dict(session.limits),
+        egress=EgressPolicy(allow=tuple(session.egress.get("allow", []))),
+        service_bindings=tuple(session.service_bindings),
+        stdin=session.stdin,
+        source=GitSource(url=git["url"], ref=git.get("ref")) if git else None,
+        org_id=session.org_id,
+    )
+
+
+def launch_session(session_id: str) -> None:
+    rt = runtime()
+    with connection():
+        session = Session.get_or_none(Session.id == session_id)
+        if session is None or session.phase != Phase.QUEUED.value:
+            logger.info(
+                "launch skipped session_id=%s phase=%s",
+                session_id,
+                session.phase if session else None,
+            )
+            return
+        spec = build_spec(session)
+
+    sink = SessionSink(
+        rt.redis,
+        session_id,
+        org_id=spec.org_id,
+        output_bytes=spec.limits.output_bytes,
+    )
+    lease = SessionLease(
+        rt.redis,
+        session_id,
+        ttl_s=rt.settings.lease_ttl_s,
+        heartbeat_s=rt.settings.heartbeat_s,
+        on_stop=lambda: rt.backend.teardown(session_id),
+    )
+    try:
+        with lease:
+            sink.phase(Phase.PROVISIONING)
+            with connection():
+                current = Session.get_by_id(session_id)
+                if current.phase != Phase.PROVISIONING.value:
+                    return
+                audit.record(
+                    session_id,
+                    org_id=spec.org_id,
+                    actor="worker",
+                    action="session.launched",
+                    detail={"backend": rt.backend.name},
+                )
+            logger.info(
+                "session started session_id=%s org_id=%s backend=%s",
+                session_id,
+                spec.org_id,
+                rt.backend.name,
+            )
+            _run_on_backend(rt, spec, sink)
+    finally:
+        _reclaim(rt, session_id)
+
+
+def _reclaim(rt, session_id: str) -> None:
+    """Release the backend's hold on a finished session; the reaper retries failures."""
+    try:
+        with connection():
+            if Session.get_by_id(session_id).phase in TERMINAL_VALUES:
+                rt.orchestrator.reclaim(session_id, actor="worker")
+    except Exception:  # noqa: BLE001 - the session's outcome is recorded already
+        logger.warning("reclaim failed session_id=%s", session_id, exc_info=True)
+
+
+def _run_on_backend(rt, spec: LaunchSpec, sink: SessionSink) -> None:
+    try:
+        rt.backend.launch(spec, sink)
+    except Exception:  # noqa: BLE001 - any backend failure must still end the session
+        logger.error(
+            "backend failed session_id=%s backend=%s",
+            spec.session_id,
+            rt.backend.name,
+            exc_info=True,
+        )
+        if not sink.finished:
+            sink.result(SessionResult.failed("The sandbox backend failed to run the session."))
+        return
+    if not sink.finished:
+        # The backend returned without a result, or a DELETE already ended the
+        # session; finishing is a no-op in the second case.
+        sink.result(SessionResult.failed("The sandbox backend ended without a result."))
