@@ -87,7 +87,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings=settings,
         redis=client,
         backend=backend,
-        orchestrator=Orchestrator(settings, client, session_queue(settings, client), backend),
+        orchestrator=Orchestrator(
+            settings, client, session_queue(settings, client), backend
+        ),
         introspector=introspector,
         relay=EventRelay(client),
     )
@@ -110,21 +112,20 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 def _register_request_hooks(app: Flask) -> None:
     @app.before_request
-    def open_database():
-        database.connect(reuse_if_open=True)
-
-    @app.before_request
     def require_json_object():
         if request.method not in BODY_METHODS or not request.content_length:
             return
         if not request.is_json:
-            raise BadRequest("Send the body as JSON with Content-Type: application/json.")
+            raise BadRequest(
+                "Send the body as JSON with Content-Type: application/json."
+            )
         body = request.get_json(silent=True)
         if body is None:
             raise BadRequest("The body is not valid JSON.")
         if not isinstance(body, dict):
             raise BadRequest("The body must be a JSON object.")
 
+    # Peewee connects on the first query of a request; close what it opened.
     @app.teardown_request
     def close_database(exc):
         if not database.is_closed():

@@ -17,7 +17,7 @@ from typing import Any
 
 import peewee
 
-from enclave.db import database
+from enclave.db import database, dialect, write_transaction
 from enclave.models import AuditEvent, utcnow
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ def record(
     detail = detail or {}
     for attempt in range(_INSERT_ATTEMPTS):
         try:
-            with database.atomic():
+            with write_transaction():
+                _lock_chain(chain)
                 last = (
                     AuditEvent.select(AuditEvent.seq, AuditEvent.hash)
                     .where(AuditEvent.chain == chain)
@@ -86,7 +87,9 @@ def record(
                     at=at,
                 )
                 event = AuditEvent.create(
-                    **fields, prev_hash=prev_hash, hash=row_hash(prev_hash=prev_hash, **fields)
+                    **fields,
+                    prev_hash=prev_hash,
+                    hash=row_hash(prev_hash=prev_hash, **fields),
                 )
         except peewee.IntegrityError:
             # Another writer took this number first; read the new tail and retry.
@@ -94,11 +97,26 @@ def record(
             continue
         logger.debug("audit recorded chain=%s seq=%s action=%s", chain, seq, action)
         return event
-    raise RuntimeError(f"could not append to audit chain {chain} after {_INSERT_ATTEMPTS} tries")
+    raise RuntimeError(
+        f"could not append to audit chain {chain} after {_INSERT_ATTEMPTS} tries"
+    )
+
+
+def _lock_chain(chain: str) -> None:
+    """Serialise writers of one chain until the transaction ends.
+
+    PostgreSQL takes a transaction-scoped advisory lock on the chain's name.
+    SQLite needs nothing: it admits one writer at a time, and the unique
+    (chain, seq) index catches the rest.
+    """
+    if dialect() == "postgresql":
+        database.execute_sql("SELECT pg_advisory_xact_lock(hashtext(%s))", (chain,))
 
 
 def events(chain: str) -> list[AuditEvent]:
-    return list(AuditEvent.select().where(AuditEvent.chain == chain).order_by(AuditEvent.seq))
+    return list(
+        AuditEvent.select().where(AuditEvent.chain == chain).order_by(AuditEvent.seq)
+    )
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Operator commands.
 
-    python -m enclave migrate          apply pending schema migrations
-    python -m enclave token ORG_ID     print a development user token
-    python -m enclave check            validate the settings and exit
+python -m enclave migrate          apply pending schema migrations
+python -m enclave token ORG_ID     print a development user token
+python -m enclave check            validate the settings and exit
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("migrate", help="apply pending schema migrations")
     commands.add_parser("check", help="validate the settings")
-    token = commands.add_parser("token", help="print a user JWT signed with ENCLAVE_JWT_SECRET")
+    token = commands.add_parser(
+        "token", help="print a user JWT signed with ENCLAVE_JWT_SECRET"
+    )
     token.add_argument("org_id")
     token.add_argument("--sub", default="user_dev")
     token.add_argument("--scope", default="sessions:read sessions:write")
@@ -40,11 +42,17 @@ def main(argv: list[str] | None = None) -> None:
 
         configure_database(settings.database_url)
         applied = schema.migrate()
-        sys.stdout.write(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}\n")
+        sys.stdout.write(
+            f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}\n"
+        )
     elif args.command == "token":
         from enclave.auth import mint_user_token
 
-        value = mint_user_token(settings, args.sub, args.org_id, args.scope.split(), args.ttl)
+        value = mint_user_token(
+            settings, args.sub, args.org_id, args.scope.split(), args.ttl
+        )
         sys.stdout.write(value + "\n")
     elif args.command == "check":
-        sys.stdout.write(f"settings ok: env={settings.env} backend={settings.backend}\n")
+        sys.stdout.write(
+            f"settings ok: env={settings.env} backend={settings.backend}\n"
+        )

@@ -103,7 +103,10 @@ class Settings:
             raise ConfigurationError(
                 "ENCLAVE_AUTH_DISABLED=1 is refused when ENCLAVE_ENV=production"
             )
-        if not self.auth_disabled and len(self.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
+        if (
+            not self.auth_disabled
+            and len(self.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES
+        ):
             raise ConfigurationError(
                 "ENCLAVE_JWT_SECRET must be set to at least "
                 f"{MIN_JWT_SECRET_BYTES} bytes (generate one with "

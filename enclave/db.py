@@ -62,7 +62,11 @@ def configure_database(url: str, *, max_connections: int = 20) -> peewee.Databas
 
 
 def dialect() -> str:
-    return "postgresql" if isinstance(database.obj, peewee.PostgresqlDatabase) else "sqlite"
+    return (
+        "postgresql"
+        if isinstance(database.obj, peewee.PostgresqlDatabase)
+        else "sqlite"
+    )
 
 
 @contextlib.contextmanager
@@ -74,6 +78,19 @@ def connection() -> Iterator[peewee.Database]:
     finally:
         if opened and not database.is_closed():
             database.close()
+
+
+def write_transaction():
+    """A transaction that writes: on SQLite it takes the write lock up front.
+
+    SQLite's default deferred transaction starts as a reader; two of them that
+    both read and then write deadlock, and one fails with "database is locked"
+    at once, whatever the busy timeout. Starting IMMEDIATE makes the second
+    writer wait its turn instead. Nested calls become savepoints.
+    """
+    if isinstance(database.obj, peewee.SqliteDatabase):
+        return database.atomic("IMMEDIATE")
+    return database.atomic()
 
 
 def is_database_error(exc: BaseException) -> bool:

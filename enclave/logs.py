@@ -7,7 +7,9 @@ import sys
 
 from enclave.config import Settings
 
-FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s process=%(process)d %(message)s"
+FORMAT = (
+    "%(asctime)s level=%(levelname)s logger=%(name)s process=%(process)d %(message)s"
+)
 
 
 def configure_logging(settings: Settings) -> None:

@@ -24,7 +24,11 @@ class JSONField(peewee.TextField):
     """JSON stored as text, so that PostgreSQL and SQLite hold it alike."""
 
     def db_value(self, value):
-        return None if value is None else json.dumps(value, separators=(",", ":"), sort_keys=True)
+        return (
+            None
+            if value is None
+            else json.dumps(value, separators=(",", ":"), sort_keys=True)
+        )
 
     def python_value(self, value):
         return None if value is None else json.loads(value)

@@ -22,7 +22,9 @@ ADVISORY_LOCK_ID = 0x656E636C  # arbitrary, stable: "encl"
 
 def available_migrations() -> list[str]:
     return sorted(
-        info.name for info in pkgutil.iter_modules(migrations.__path__) if info.name.startswith("m")
+        info.name
+        for info in pkgutil.iter_modules(migrations.__path__)
+        if info.name.startswith("m")
     )
 
 
@@ -47,7 +49,9 @@ def migrate() -> list[str]:
                 applied_now.append(name)
         finally:
             if kind == "postgresql":
-                database.execute_sql("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_ID,))
+                database.execute_sql(
+                    "SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_ID,)
+                )
     return applied_now
 
 

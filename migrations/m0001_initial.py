@@ -2,7 +2,11 @@
 
 TYPES = {
     "postgresql": {"pk": "BIGSERIAL PRIMARY KEY", "ts": "TIMESTAMP", "bool": "BOOLEAN"},
-    "sqlite": {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "ts": "DATETIME", "bool": "BOOLEAN"},
+    "sqlite": {
+        "pk": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        "ts": "DATETIME",
+        "bool": "BOOLEAN",
+    },
 }
 
 TABLES = """
@@ -76,8 +80,9 @@ INSERT_ONLY = {
     "postgresql": """
 CREATE FUNCTION audit_event_refuse_change() RETURNS trigger AS $$
 BEGIN
-    RAISE EXCEPTION 'audit_event is insert-only: % refused', TG_OP
-        USING ERRCODE = 'insufficient_privilege';
+    RAISE EXCEPTION USING
+        MESSAGE = 'audit_event is insert-only: ' || TG_OP || ' refused',
+        ERRCODE = 'insufficient_privilege';
 END;
 $$ LANGUAGE plpgsql;
 CREATE TRIGGER audit_event_no_update BEFORE UPDATE OR DELETE ON audit_event

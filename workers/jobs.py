@@ -1,6 +1,7 @@
 """The launch job: runs one session on the backend, start to finish.
 
 Lifecycle, in the RQ work horse:
+0. Bind this process to the worker's life (`bind_to_worker`).
 1. Load the session; a session no longer `queued` (a DELETE won the race) is
    left alone.
 2. Take the lease (see `workers.lease`), so that the reaper can tell a live
@@ -14,7 +15,10 @@ Lifecycle, in the RQ work horse:
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import signal
 
 from enclave import audit
 from enclave.db import connection
@@ -37,6 +41,29 @@ logger = logging.getLogger(__name__)
 TERMINAL_VALUES = {phase.value for phase in TERMINAL_PHASES}
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def bind_to_worker() -> None:
+    """Die with the worker process that forked this work horse.
+
+    RQ puts the horse in a session of its own, so a worker killed outright
+    would leave it running a session nobody supervises. Dying with it lets the
+    reaper report the truth (`worker_lost`) and the sandbox, which dies with
+    its parent, go too.
+    """
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        logger.warning(
+            "could not bind the job to its worker errno=%s", ctypes.get_errno()
+        )
+        return
+    if os.getppid() != parent:
+        # The worker died between the fork and the prctl call.
+        os._exit(1)
+
+
 def build_spec(session: Session) -> LaunchSpec:
     git = (session.source or {}).get("git")
     return LaunchSpec(
@@ -53,6 +80,7 @@ def build_spec(session: Session) -> LaunchSpec:
 
 
 def launch_session(session_id: str) -> None:
+    bind_to_worker()
     rt = runtime()
     with connection():
         session = Session.get_or_none(Session.id == session_id)
@@ -124,7 +152,9 @@ def _run_on_backend(rt, spec: LaunchSpec, sink: SessionSink) -> None:
             exc_info=True,
         )
         if not sink.finished:
-            sink.result(SessionResult.failed("The sandbox backend failed to run the session."))
+            sink.result(
+                SessionResult.failed("The sandbox backend failed to run the session.")
+            )
         return
     if not sink.finished:
         # The backend returned without a result, or a DELETE already ended the

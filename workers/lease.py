@@ -104,4 +104,6 @@ class SessionLease:
         try:
             self.on_stop()
         except Exception:  # noqa: BLE001 - a failed teardown must not kill the heartbeat
-            logger.error("teardown on stop failed session_id=%s", self.session_id, exc_info=True)
+            logger.error(
+                "teardown on stop failed session_id=%s", self.session_id, exc_info=True
+            )

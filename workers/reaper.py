@@ -105,7 +105,9 @@ class Reaper:
             if lifecycle.finish_session(
                 self.rt.redis,
                 session.id,
-                SessionResult.failed("The launch job was lost before the session started."),
+                SessionResult.failed(
+                    "The launch job was lost before the session started."
+                ),
                 actor="reaper",
             ):
                 logger.warning("queued session lost its job session_id=%s", session.id)

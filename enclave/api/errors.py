@@ -50,14 +50,18 @@ def error_response(error: EnclaveError):
 
 def _enclave_error(error: EnclaveError):
     if error.status >= 500:
-        logger.error("request failed type=%s", error.type, exc_info=error.__cause__ is not None)
+        logger.error(
+            "request failed type=%s", error.type, exc_info=error.__cause__ is not None
+        )
     return error_response(error)
 
 
 def _http_error(error: HTTPException):
     status = error.code or 500
     if status == 413:
-        return error_response(PayloadTooLarge("The request body is over the size limit."))
+        return error_response(
+            PayloadTooLarge("The request body is over the size limit.")
+        )
     converted = EnclaveError(_message(error))
     converted.status = status
     converted.type = HTTP_TYPES.get(status, "http_error")
@@ -73,7 +77,9 @@ def _http_error(error: HTTPException):
 def _unexpected_error(error: Exception):
     if isinstance(error, redis.RedisError) or is_database_error(error):
         logger.error("dependency unavailable: %s", type(error).__name__, exc_info=True)
-        return error_response(DependencyUnavailable("A service this call needs is unavailable."))
+        return error_response(
+            DependencyUnavailable("A service this call needs is unavailable.")
+        )
     logger.error("unhandled error", exc_info=True)
     converted = EnclaveError("The server failed to handle this request.")
     return error_response(converted)

@@ -24,17 +24,33 @@ class StrictSchema(Schema):
 
 
 class LimitsSchema(StrictSchema):
-    timeout_s = fields.Float(validate=validate.Range(min=0.1), metadata={"description": "Wall-clock seconds."})
-    cpu_s = fields.Float(validate=validate.Range(min=0.1), metadata={"description": "CPU seconds; default: timeout_s."})
+    timeout_s = fields.Float(
+        validate=validate.Range(min=0.1),
+        metadata={"description": "Wall-clock seconds."},
+    )
+    cpu_s = fields.Float(
+        validate=validate.Range(min=0.1),
+        metadata={"description": "CPU seconds; default: timeout_s."},
+    )
     memory_mb = fields.Integer(strict=True, validate=validate.Range(min=16))
     cpus = fields.Float(validate=validate.Range(min=0.05))
     pids = fields.Integer(strict=True, validate=validate.Range(min=4))
-    output_bytes = fields.Integer(strict=True, validate=validate.Range(min=0), metadata={"description": "stdout and stderr together."})
-    disk_mb = fields.Integer(strict=True, validate=validate.Range(min=1), metadata={"description": "Writable space."})
+    output_bytes = fields.Integer(
+        strict=True,
+        validate=validate.Range(min=0),
+        metadata={"description": "stdout and stderr together."},
+    )
+    disk_mb = fields.Integer(
+        strict=True,
+        validate=validate.Range(min=1),
+        metadata={"description": "Writable space."},
+    )
 
 
 class GitSourceSchema(StrictSchema):
-    url = fields.String(required=True, validate=validate.URL(schemes={"https"}, require_tld=False))
+    url = fields.String(
+        required=True, validate=validate.URL(schemes={"https"}, require_tld=False)
+    )
     ref = fields.String(load_default=None, validate=validate.Length(min=1, max=255))
 
 
@@ -54,7 +70,9 @@ class EgressSchema(StrictSchema):
     def check_hosts(self, value, **kwargs):
         bad = [host for host in value if not HOST_PATTERN.match(host.lower())]
         if bad:
-            raise ValidationError(f"Not host names: {', '.join(repr(h) for h in bad[:5])}.")
+            raise ValidationError(
+                f"Not host names: {', '.join(repr(h) for h in bad[:5])}."
+            )
 
 
 class SessionCreateSchema(StrictSchema):
@@ -91,7 +109,9 @@ class IdempotencyHeaderSchema(Schema):
 class SessionListQuerySchema(StrictSchema):
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
     cursor = fields.String(load_default=None)
-    phase = fields.String(load_default=None, validate=validate.OneOf([p.value for p in Phase]))
+    phase = fields.String(
+        load_default=None, validate=validate.OneOf([p.value for p in Phase])
+    )
 
 
 class StreamQuerySchema(StrictSchema):
@@ -135,7 +155,10 @@ class ResultSchema(Schema):
     phase = fields.String(metadata={"enum": [p.value for p in TERMINAL_PHASES]})
     kill_reason = fields.String(allow_none=True)
     exit_code = fields.Integer(allow_none=True)
-    signal = fields.Integer(allow_none=True, metadata={"description": "The signal that ended the code, if one did."})
+    signal = fields.Integer(
+        allow_none=True,
+        metadata={"description": "The signal that ended the code, if one did."},
+    )
     error = fields.String(allow_none=True)
     stdout = fields.String()
     stderr = fields.String()

@@ -20,7 +20,12 @@ from enclave.auth import SESSIONS_READ, SESSIONS_WRITE, current_principal, requi
 from enclave.errors import ValidationFailed
 from enclave.events.stream import event_stream
 
-blp = Blueprint("sessions", __name__, url_prefix="/sessions", description="Runs of code in sandboxes.")
+blp = Blueprint(
+    "sessions",
+    __name__,
+    url_prefix="/sessions",
+    description="Runs of code in sandboxes.",
+)
 
 ERRORS = (400, 401, 403, 404, 409, 413, 422, 429, 503)
 
@@ -34,11 +39,19 @@ class Sessions(MethodView):
     @require_scope(SESSIONS_WRITE)
     @blp.arguments(SessionCreateSchema)
     @blp.arguments(IdempotencyHeaderSchema, location="headers", as_kwargs=True)
-    @blp.response(201, SessionSchema, headers={"Location": {"schema": {"type": "string"}}})
-    @blp.alt_response(200, schema=SessionSchema, description="A replay of an earlier call with the same Idempotency-Key.")
+    @blp.response(
+        201, SessionSchema, headers={"Location": {"schema": {"type": "string"}}}
+    )
+    @blp.alt_response(
+        200,
+        schema=SessionSchema,
+        description="A replay of an earlier call with the same Idempotency-Key.",
+    )
     def post(self, body, idempotency_key=None):
         """Create a session and queue it to run"""
-        view, created = orchestrator().create_session(current_principal(), body, idempotency_key)
+        view, created = orchestrator().create_session(
+            current_principal(), body, idempotency_key
+        )
         return view, 201 if created else 200, {"Location": f"/sessions/{view['id']}"}
 
     @require_scope(SESSIONS_READ)
@@ -83,7 +96,10 @@ def session_audit(session_id):
 @blp.route("/<string:session_id>/stream")
 @require_scope(SESSIONS_READ)
 @blp.arguments(StreamQuerySchema, location="query")
-@blp.response(200, description="`text/event-stream` of phase, stdout, stderr, egress and result events.")
+@blp.response(
+    200,
+    description="`text/event-stream` of phase, stdout, stderr, egress and result events.",
+)
 def session_stream(query, session_id):
     """Follow a session's events live, after replaying earlier ones"""
     session = orchestrator().stream_position(current_principal(), session_id)

@@ -58,9 +58,13 @@ class SimulatorBackend:
             stop.set()
 
     def health(self) -> BackendHealth:
-        return BackendHealth(True, "simulator: scripted phases and output, runs no code")
+        return BackendHealth(
+            True, "simulator: scripted phases and output, runs no code"
+        )
 
-    def _run(self, spec: LaunchSpec, sink: BackendEventSink, stop: threading.Event) -> SessionResult:
+    def _run(
+        self, spec: LaunchSpec, sink: BackendEventSink, stop: threading.Event
+    ) -> SessionResult:
         started = time.monotonic()
         deadline = started + spec.limits.timeout_s
 
@@ -74,15 +78,23 @@ class SimulatorBackend:
             if verb == "sleep":
                 wait_s = min(float(argument or 0), max(deadline - time.monotonic(), 0))
                 if stop.wait(wait_s):
-                    return SessionResult.killed(KillReason.TEARDOWN, duration_ms=elapsed_ms())
+                    return SessionResult.killed(
+                        KillReason.TEARDOWN, duration_ms=elapsed_ms()
+                    )
                 if time.monotonic() >= deadline:
-                    return SessionResult.killed(KillReason.TIMEOUT, duration_ms=elapsed_ms())
+                    return SessionResult.killed(
+                        KillReason.TIMEOUT, duration_ms=elapsed_ms()
+                    )
             elif verb in ("stdout", "stderr"):
                 if not getattr(sink, verb)(argument + "\n"):
-                    return SessionResult.killed(KillReason.OUTPUT_LIMIT, duration_ms=elapsed_ms())
+                    return SessionResult.killed(
+                        KillReason.OUTPUT_LIMIT, duration_ms=elapsed_ms()
+                    )
             elif verb == "echo-stdin":
                 if spec.stdin and not sink.stdout(spec.stdin):
-                    return SessionResult.killed(KillReason.OUTPUT_LIMIT, duration_ms=elapsed_ms())
+                    return SessionResult.killed(
+                        KillReason.OUTPUT_LIMIT, duration_ms=elapsed_ms()
+                    )
             elif verb == "flood":
                 remaining = int(argument or 0)
                 while remaining > 0:
@@ -93,11 +105,17 @@ class SimulatorBackend:
                         )
                     remaining -= size
             elif verb == "oom":
-                return SessionResult.killed(KillReason.MEMORY, signal=9, duration_ms=elapsed_ms())
+                return SessionResult.killed(
+                    KillReason.MEMORY, signal=9, duration_ms=elapsed_ms()
+                )
             elif verb == "exit":
-                return SessionResult.exited(int(argument or 0), duration_ms=elapsed_ms())
+                return SessionResult.exited(
+                    int(argument or 0), duration_ms=elapsed_ms()
+                )
             if stop.is_set():
-                return SessionResult.killed(KillReason.TEARDOWN, duration_ms=elapsed_ms())
+                return SessionResult.killed(
+                    KillReason.TEARDOWN, duration_ms=elapsed_ms()
+                )
         return SessionResult.exited(0, duration_ms=elapsed_ms())
 
 

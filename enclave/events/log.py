@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import redis
 
-from enclave.db import database
+from enclave.db import write_transaction
 from enclave.models import Session, SessionEvent, utcnow
 from enclave.sessions.spec import ACTIVE_PHASES
 
@@ -81,7 +81,7 @@ def write_events(
     other writer can extend meanwhile.
     """
     phases = [str(getattr(p, "value", p)) for p in (allowed_phases or ACTIVE_PHASES)]
-    with database.atomic():
+    with write_transaction():
         # Claim the lock first with a no-op update, then read what we locked.
         locked = (
             Session.update(last_event_seq=Session.last_event_seq)
@@ -132,10 +132,14 @@ def publish(client: redis.Redis, session_id: str, events: list[Event]) -> None:
         )
 
 
-def stored_events(session_id: str, after: int = 0, kinds: Iterable[str] | None = None) -> list[Event]:
+def stored_events(
+    session_id: str, after: int = 0, kinds: Iterable[str] | None = None
+) -> list[Event]:
     query = SessionEvent.select().where(
         (SessionEvent.session_id == session_id) & (SessionEvent.seq > after)
     )
     if kinds is not None:
         query = query.where(SessionEvent.kind.in_(list(kinds)))
-    return [Event(row.seq, row.kind, row.data) for row in query.order_by(SessionEvent.seq)]
+    return [
+        Event(row.seq, row.kind, row.data) for row in query.order_by(SessionEvent.seq)
+    ]

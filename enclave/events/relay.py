@@ -145,7 +145,9 @@ class EventRelay:
         try:
             event = Event.from_json(message["data"])
         except (ValueError, KeyError):
-            logger.warning("event relay dropped a malformed message session_id=%s", session_id)
+            logger.warning(
+                "event relay dropped a malformed message session_id=%s", session_id
+            )
             return
         for watcher in list(group):
             watcher.offer(event)

@@ -59,7 +59,12 @@ class SessionSink:
         return self._output("stderr", chunk)
 
     def egress(self, host: str, allowed: bool, reason: str | None = None) -> None:
-        data = {"host": host, "allowed": allowed, "reason": reason, "at": rfc3339(utcnow())}
+        data = {
+            "host": host,
+            "allowed": allowed,
+            "reason": reason,
+            "at": rfc3339(utcnow()),
+        }
         with self._lock, connection():
             stored = append_events(self.session_id, [("egress", data)])
             if stored is not None and not allowed:
@@ -97,7 +102,9 @@ class SessionSink:
                 updates = {"output_truncated": True}
             with connection():
                 stored = (
-                    append_events(self.session_id, [(kind, {"data": kept})], updates=updates)
+                    append_events(
+                        self.session_id, [(kind, {"data": kept})], updates=updates
+                    )
                     if kept
                     else append_events(self.session_id, [], updates=updates)
                 )

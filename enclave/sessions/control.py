@@ -24,7 +24,9 @@ def request_stop(client: redis.Redis, session_id: str) -> None:
         client.publish(CONTROL_CHANNEL + session_id, "stop")
     except redis.RedisError:
         # The session is already recorded as killed; the reaper reclaims it.
-        logger.warning("stop request not delivered session_id=%s", session_id, exc_info=True)
+        logger.warning(
+            "stop request not delivered session_id=%s", session_id, exc_info=True
+        )
 
 
 def stop_requested(client: redis.Redis, session_id: str) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 import redis
 
 from enclave import audit
-from enclave.db import database
+from enclave.db import write_transaction
 from enclave.events.log import Event, publish, stored_events, write_events
 from enclave.models import Session, rfc3339, utcnow
 from enclave.sessions.spec import Phase, SessionResult
@@ -80,7 +80,7 @@ def finish_session(
         "error": result.error,
         "finished_at": now,
     }
-    with database.atomic():
+    with write_transaction():
         stored = write_events(session_id, build, updates=updates)
         if stored is None:
             return False
@@ -88,7 +88,9 @@ def finish_session(
         Session.update(duration_ms=finished["duration_ms"]).where(
             Session.id == session_id
         ).execute()
-        action = "session.killed" if result.phase is Phase.KILLED else "session.finished"
+        action = (
+            "session.killed" if result.phase is Phase.KILLED else "session.finished"
+        )
         audit.record(
             session_id,
             org_id=session.org_id,

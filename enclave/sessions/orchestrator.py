@@ -26,7 +26,7 @@ from enclave import audit
 from enclave.auth.principal import Principal
 from enclave.backends.base import SessionBackend
 from enclave.config import Settings
-from enclave.db import database
+from enclave.db import write_transaction
 from enclave.errors import (
     Conflict,
     DependencyUnavailable,
@@ -105,7 +105,7 @@ class Orchestrator:
         session_id = new_session_id()
         now = utcnow()
         try:
-            with database.atomic():
+            with write_transaction():
                 session = Session.create(
                     id=session_id,
                     org_id=principal.org_id,
@@ -115,7 +115,9 @@ class Orchestrator:
                     stdin=request.get("stdin"),
                     phase=Phase.QUEUED.value,
                     limits=limits.to_dict(),
-                    egress={"allow": list((request.get("egress") or {}).get("allow", []))},
+                    egress={
+                        "allow": list((request.get("egress") or {}).get("allow", []))
+                    },
                     service_bindings=list(request.get("service_bindings") or []),
                     source=request.get("source"),
                     metadata=dict(request.get("metadata") or {}),
@@ -145,7 +147,9 @@ class Orchestrator:
                 )
                 stored = write_events(
                     session_id,
-                    lambda s: [("phase", lifecycle.phase_data(Phase.QUEUED, None, now))],
+                    lambda s: [
+                        ("phase", lifecycle.phase_data(Phase.QUEUED, None, now))
+                    ],
                 )
         except peewee.IntegrityError:
             # A concurrent request with the same Idempotency-Key won the race.
@@ -188,7 +192,7 @@ class Orchestrator:
         if session.torn_down_at is not None:
             return False
         self.backend.teardown(session_id)
-        with database.atomic():
+        with write_transaction():
             updated = (
                 Session.update(torn_down_at=utcnow())
                 .where((Session.id == session_id) & Session.torn_down_at.is_null())
@@ -227,7 +231,9 @@ class Orchestrator:
                 | ((Session.created_at == created_at) & (Session.id < last_id))
             )
         rows = list(
-            query.order_by(Session.created_at.desc(), Session.id.desc()).limit(limit + 1)
+            query.order_by(Session.created_at.desc(), Session.id.desc()).limit(
+                limit + 1
+            )
         )
         page, more = rows[:limit], len(rows) > limit
         return {
@@ -237,7 +243,11 @@ class Orchestrator:
 
     def get_result(self, principal: Principal, session_id: str) -> dict[str, Any]:
         session = self.owned_by(principal, session_id)
-        result = lifecycle.stored_result(session.id) if session.phase in TERMINAL_PHASES else None
+        result = (
+            lifecycle.stored_result(session.id)
+            if session.phase in TERMINAL_PHASES
+            else None
+        )
         if result is None:
             raise Conflict(f"The session is {session.phase}; its result is not ready.")
         return result
@@ -270,7 +280,9 @@ class Orchestrator:
             errors["code"] = [f"Must be at most {self.settings.max_code_bytes} bytes."]
         stdin = request.get("stdin")
         if stdin is not None and len(stdin.encode()) > self.settings.max_stdin_bytes:
-            errors["stdin"] = [f"Must be at most {self.settings.max_stdin_bytes} bytes."]
+            errors["stdin"] = [
+                f"Must be at most {self.settings.max_stdin_bytes} bytes."
+            ]
         over = limits_over(request.get("limits") or {}, self.settings.max_limits)
         if over:
             errors["limits"] = over
@@ -295,12 +307,16 @@ class Orchestrator:
         )
         if row is None:
             return None
-        expired = utcnow() - row.created_at > dt.timedelta(seconds=self.settings.idempotency_ttl_s)
+        expired = utcnow() - row.created_at > dt.timedelta(
+            seconds=self.settings.idempotency_ttl_s
+        )
         if expired:
             row.delete_instance()
             return None
         if row.fingerprint != fingerprint:
-            raise Conflict("This Idempotency-Key was used with a different request body.")
+            raise Conflict(
+                "This Idempotency-Key was used with a different request body."
+            )
         return Session.get_by_id(row.session_id)
 
     def _check_quota(self, principal: Principal) -> None:
@@ -335,7 +351,9 @@ class Orchestrator:
             lifecycle.finish_session(
                 self.redis,
                 session.id,
-                SessionResult.failed("The session could not be queued: the job queue is unavailable."),
+                SessionResult.failed(
+                    "The session could not be queued: the job queue is unavailable."
+                ),
                 actor="control-plane",
             )
             raise DependencyUnavailable("The job queue is unavailable.") from exc

@@ -53,7 +53,15 @@ class Limits:
     output_bytes: int
     disk_mb: int
 
-    FIELDS = ("timeout_s", "cpu_s", "memory_mb", "cpus", "pids", "output_bytes", "disk_mb")
+    FIELDS = (
+        "timeout_s",
+        "cpu_s",
+        "memory_mb",
+        "cpus",
+        "pids",
+        "output_bytes",
+        "disk_mb",
+    )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Limits":
