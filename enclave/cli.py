@@ -26,7 +26,16 @@ def main(argv: list[str] | None = None) -> None:
     token.add_argument("--sub", default="user_dev")
     token.add_argument("--scope", default="sessions:read sessions:write")
     token.add_argument("--ttl", type=int, default=12 * 3600, help="seconds")
+    dev = commands.add_parser("dev", help="run the whole service on this machine")
+    dev.add_argument("--port", type=int, default=8000)
+    dev.add_argument("--workers", type=int, default=2)
+    dev.add_argument("--exit-after-demo", action="store_true")
     args = parser.parse_args(argv)
+
+    if args.command == "dev":
+        from enclave import devserver
+
+        sys.exit(devserver.main(args.port, args.workers, args.exit_after_demo))
 
     try:
         settings = Settings.load()

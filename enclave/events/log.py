@@ -39,7 +39,9 @@ class Event:
     data: dict[str, Any]
 
     def to_json(self) -> str:
-        return json.dumps({"seq": self.seq, "event": self.kind, "data": self.data})
+        return json.dumps(
+            {"seq": self.seq, "event": self.kind, "data": self.data}, sort_keys=True
+        )
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> "Event":

@@ -27,7 +27,7 @@ RETRY_MS = 2000
 
 
 def format_event(event: Event) -> str:
-    return f"id: {event.seq}\nevent: {event.kind}\ndata: {json.dumps(event.data)}\n\n"
+    return f"id: {event.seq}\nevent: {event.kind}\ndata: {json.dumps(event.data, sort_keys=True)}\n\n"
 
 
 def event_stream(
