@@ -30,9 +30,11 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 VAR = Path(os.environ.get("ENCLAVE_DEV_DIR", ROOT / "var"))
-DEMO_CODE = {
-    "python": "import sys\nprint('hello from a sandbox')\nprint('careful', file=sys.stderr)\n",
-}
+DEMO_CODE = (
+    "import sys, platform\n"
+    "print('hello from a sandbox on Python', platform.python_version())\n"
+    "print('and a line on stderr', file=sys.stderr)\n"
+)
 
 
 def free_port() -> int:
@@ -69,8 +71,8 @@ class DevStack:
         env = self.env
         env.setdefault("ENCLAVE_ENV", "development")
         env.setdefault("ENCLAVE_DATABASE_URL", f"sqlite:///{VAR / 'enclave.db'}")
-        env.setdefault("ENCLAVE_BACKEND", default_backend())
         env.setdefault("ENCLAVE_STATE_DIR", str(VAR / "state"))
+        env.setdefault("ENCLAVE_BACKEND", default_backend(env))
         env.setdefault("ENCLAVE_JWT_SECRET", self._jwt_secret())
         env["PORT"] = str(self.port)
         env["HOST"] = "127.0.0.1"
@@ -176,7 +178,7 @@ class DevStack:
             f"Enclave runs at {self.url('')} (backend: {self.env['ENCLAVE_BACKEND']})."
         )
         self._say("Demo session:")
-        body = {"language": "python", "code": DEMO_CODE["python"]}
+        body = {"language": "python", "code": DEMO_CODE}
         created = requests.post(
             self.url("/sessions"), json=body, headers=headers, timeout=30
         )
@@ -253,8 +255,22 @@ class DevStack:
         sys.stdout.flush()
 
 
-def default_backend() -> str:
-    """The simulator; the local sandbox backend takes over where it can run."""
+def default_backend(env: dict[str, str]) -> str:
+    """The local sandbox where bubblewrap works here; the simulator otherwise."""
+    from enclave.backends.local import LocalBackend
+    from enclave.config import Settings
+
+    settings = Settings(
+        state_dir=env["ENCLAVE_STATE_DIR"],
+        sandbox_rootfs=env.get("ENCLAVE_SANDBOX_ROOTFS") or None,
+    )
+    health = LocalBackend(settings).health()
+    if health.ok:
+        return "local"
+    sys.stderr.write(
+        f"enclave dev: the local sandbox cannot run here ({health.detail}); "
+        "using the simulator, which runs no code. Install bubblewrap for real runs.\n"
+    )
     return "simulator"
 
 
