@@ -332,3 +332,16 @@ def test_docs_page_loads_its_assets_from_this_service(client):
     assert "/docs/static/swagger-ui-bundle.js" in page
     assert "https://" not in page.split("<body")[0] or "cdn" not in page
     assert client.get("/docs/static/swagger-ui-bundle.js").status_code == 200
+
+
+def test_unexpected_error_answers_500_json_without_traceback(app):
+    def explode():
+        raise RuntimeError("internal detail that must not leak")
+
+    app.add_url_rule("/explode", view_func=explode)
+
+    response = app.test_client().get("/explode")
+
+    body = assert_error_shape(response, 500)
+    assert "internal detail" not in response.get_data(as_text=True)
+    assert body["type"] == "internal_error"
