@@ -1,0 +1,1 @@
+"""Benchmarks that drive a real Enclave deployment and print what they measure."""
