@@ -3,3 +3,5 @@
 database_url = ""
 redis_url = ""
 log_level = "INFO"
+# A production deployment runs real sandboxes; the simulator runs no code.
+backend = "docker"

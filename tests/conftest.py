@@ -138,7 +138,9 @@ def stack_factory(request, tmp_path_factory, redis_url):
     # Each stack of the test gets a Redis database of its own, never the one
     # `redis_client` uses; they are flushed before use, so the next test may
     # take the same numbers again.
-    own_db = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs["db"]
+    own_db = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs.get(
+        "db", 0
+    )
     free_dbs = [db for db in range(REDIS_DATABASES) if db != own_db]
 
     def make(

@@ -221,9 +221,11 @@ class ServiceStack:
 
     def stop(self) -> None:
         """End every process of the stack; safe to call more than once."""
+        # Only groups whose leader is not yet reaped: the id of a group that
+        # emptied may already name someone else's. Leftovers of those groups
+        # carry the marker and fall to the sweep below.
         running = [p for p in self._processes if p.popen.poll() is None]
-        for process in self._processes:
-            # The leader may have exited while members of its group live on.
+        for process in running:
             signal_group(process.popen.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.stop_timeout
         for process in running:
@@ -235,7 +237,7 @@ class ServiceStack:
                     self.stack_id,
                     process.name,
                 )
-        for process in self._processes:
+        for process in running:
             stop_process_group(process.popen, signal.SIGKILL, timeout=5.0)
         self._sweep()
 

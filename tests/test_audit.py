@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-
 import peewee
 import pytest
 
 from enclave import audit, schema
 from enclave.db import configure_database, database, dialect
 from enclave.models import AuditEvent
+from tests.concurrency import run_concurrently
 
 
 @pytest.fixture
@@ -124,27 +123,19 @@ def test_hash_chain_detects_a_removed_row(db):
 def test_concurrent_records_keep_one_unbroken_chain(any_database_url):
     configure_database(any_database_url)
     schema.migrate()
-    errors = []
 
     def writer(n):
-        try:
-            with database.connection_context():
-                for i in range(10):
-                    audit.record(
-                        "ses_c",
-                        org_id="org_a",
-                        actor=f"w{n}",
-                        action="tick",
-                        detail={"i": i},
-                    )
-        except Exception as exc:  # noqa: BLE001 - collected and asserted below
-            errors.append(exc)
+        with database.connection_context():
+            for i in range(10):
+                audit.record(
+                    "ses_c",
+                    org_id="org_a",
+                    actor=f"w{n}",
+                    action="tick",
+                    detail={"i": i},
+                )
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    errors = run_concurrently(writer, 4)
 
     assert errors == []
     with database.connection_context():

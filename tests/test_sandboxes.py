@@ -181,17 +181,40 @@ def host_process_count() -> int:
     return sum(1 for entry in os.listdir("/proc") if entry.isdigit())
 
 
+def live_processes_of(uid: int) -> int:
+    listing = subprocess.run(["ps", "-o", "stat=", "-u", str(uid)], capture_output=True, text=True)
+    return sum(1 for state in listing.stdout.split() if not state.startswith("Z"))
+
+
+def sandbox_uid(backend: str, session_id: str) -> int:
+    if backend == "docker":
+        return 1000  # the image's unprivileged user
+    from enclave.backends.local import sandbox_host_uid
+
+    return sandbox_host_uid(session_id)
+
+
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_fork_bomb_is_contained_and_leaves_nothing_behind(stack, language):
     before = host_process_count()
 
-    result = finish(stack, language, FORK_BOMB[language], limits={"pids": 32, "timeout_s": 4})
+    client, session_id = start(stack, language, FORK_BOMB[language], limits={"pids": 32, "timeout_s": 4})
+    peak = 0
+    while client.get(f"/sessions/{session_id}").json()["phase"] not in TERMINAL:
+        peak = max(peak, live_processes_of(sandbox_uid(stack.backend, session_id)))
+        time.sleep(0.1)
+    result = client.get(f"/sessions/{session_id}/result").json()
 
     assert result["phase"] == "killed"
     assert result["kill_reason"] == "timeout"
-    deadline = time.monotonic() + 10
-    while host_process_count() > before + 10 and time.monotonic() < deadline:
+    assert 0 < peak <= 32 + 2
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (
+        live_processes_of(sandbox_uid(stack.backend, session_id))
+        or host_process_count() > before + 10
+    ):
         time.sleep(0.2)
+    assert live_processes_of(sandbox_uid(stack.backend, session_id)) == 0
     assert host_process_count() <= before + 10
 
 
@@ -359,11 +382,7 @@ def sandbox_remains(backend: str, session_id: str) -> bool:
             all=True, filters={"label": f"enclave.session_id={session_id}"}
         )
         return bool(containers)
-    from enclave.backends.local import sandbox_host_uid
-
-    uid = sandbox_host_uid(session_id)
-    listing = subprocess.run(["ps", "-o", "stat=", "-u", str(uid)], capture_output=True, text=True)
-    return any(not state.startswith("Z") for state in listing.stdout.split())
+    return live_processes_of(sandbox_uid(backend, session_id)) > 0
 
 
 @pytest.mark.parametrize("language", LANGUAGES)

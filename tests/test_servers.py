@@ -461,3 +461,24 @@ def test_service_stack_wait_healthy_reports_a_dead_web(tmp_path):
             stack.wait_healthy(timeout=20)
     finally:
         stack.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("database", ["postgres", "sqlite"])
+def test_stack_factory_starts_a_healthy_service(stack_factory, redis_client, database):
+    stack = stack_factory(database=database, workers=1)
+    health = stack.wait_healthy(timeout=30)
+    marker = f"{STACK_MARKER}={stack.stack_id}".encode()
+    running = list(_pids_with_environment_entry(marker))
+
+    stack.stop()
+
+    expected = "sqlite" if database == "sqlite" else "postgres"
+    assert health["status"] == "ok"
+    assert expected in health["database"]["name"], health
+    stack_db = redis.Redis.from_url(stack.redis_url).connection_pool.connection_kwargs
+    assert stack_db["db"] != redis_client.connection_pool.connection_kwargs["db"]
+    # The web (master and its workers), one worker and the reaper.
+    assert len(running) >= 3, stack.log_tails()
+    assert list(_pids_with_environment_entry(marker)) == []
+    assert stack.jwt_secret not in stack.logs(), "the JWT secret is in a log"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -15,6 +14,7 @@ from enclave.events.sink import SessionSink
 from enclave.models import Session
 from enclave.sessions import lifecycle
 from enclave.sessions.spec import KillReason, Phase, SessionResult
+from tests.concurrency import run_concurrently
 
 
 @pytest.fixture
@@ -43,21 +43,13 @@ def make_session(session_id="ses_1", phase="running"):
 
 def test_concurrent_writers_number_events_without_gaps(db, redis_client):
     make_session()
-    errors = []
 
     def writer(n):
-        try:
-            with database.connection_context():
-                for i in range(15):
-                    append_events("ses_1", [("stdout", {"data": f"{n}:{i}"})])
-        except Exception as exc:  # noqa: BLE001 - collected and asserted below
-            errors.append(exc)
+        with database.connection_context():
+            for i in range(15):
+                append_events("ses_1", [("stdout", {"data": f"{n}:{i}"})])
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    errors = run_concurrently(writer, 4)
 
     assert errors == []
     events = stored_events("ses_1")
