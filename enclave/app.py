@@ -9,11 +9,13 @@ needs lives on `app.extensions["enclave"]`.
 from __future__ import annotations
 
 import logging
+import re
+import secrets
 from dataclasses import dataclass
 
 import redis
 import swagger_ui_bundle
-from flask import Flask, request, send_from_directory
+from flask import Flask, g, request, send_from_directory
 from flask_smorest import Api
 
 from enclave.api import health, sessions
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 API_VERSION = "1.0.0"
 BODY_METHODS = ("POST", "PUT", "PATCH")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass
@@ -111,6 +114,17 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 
 def _register_request_hooks(app: Flask) -> None:
+    @app.before_request
+    def assign_request_id():
+        # A caller's id is kept when it is plain enough to log safely.
+        given = request.headers.get("X-Request-ID", "")
+        g.request_id = given if REQUEST_ID.fullmatch(given) else secrets.token_hex(8)
+
+    @app.after_request
+    def return_request_id(response):
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        return response
+
     @app.before_request
     def require_json_object():
         if request.method not in BODY_METHODS or not request.content_length:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 import redis
-from flask import Flask, jsonify
+from flask import Flask, g, jsonify
 from werkzeug.exceptions import HTTPException
 
 from enclave.db import is_database_error
@@ -76,11 +76,16 @@ def _http_error(error: HTTPException):
 
 def _unexpected_error(error: Exception):
     if isinstance(error, redis.RedisError) or is_database_error(error):
-        logger.error("dependency unavailable: %s", type(error).__name__, exc_info=True)
+        logger.error(
+            "dependency unavailable: %s request_id=%s",
+            type(error).__name__,
+            g.get("request_id"),
+            exc_info=True,
+        )
         return error_response(
             DependencyUnavailable("A service this call needs is unavailable.")
         )
-    logger.error("unhandled error", exc_info=True)
+    logger.error("unhandled error request_id=%s", g.get("request_id"), exc_info=True)
     converted = EnclaveError("The server failed to handle this request.")
     return error_response(converted)
 

@@ -345,3 +345,17 @@ def test_unexpected_error_answers_500_json_without_traceback(app):
     body = assert_error_shape(response, 500)
     assert "internal detail" not in response.get_data(as_text=True)
     assert body["type"] == "internal_error"
+
+
+def test_every_response_carries_a_request_id(client):
+    generated = client.get("/healthz").headers["X-Request-ID"]
+    kept = client.get("/healthz", headers={"X-Request-ID": "trace-42"}).headers[
+        "X-Request-ID"
+    ]
+    replaced = client.get("/nope", headers={"X-Request-ID": "bad id\r\nx"}).headers[
+        "X-Request-ID"
+    ]
+
+    assert len(generated) == 16
+    assert kept == "trace-42"
+    assert replaced != "bad id; DROP" and len(replaced) == 16
