@@ -80,7 +80,44 @@ class Settings:
     sandbox_rootfs: str | None = None
     docker_url: str | None = None
 
+    # The `kubernetes` backend. Without a kubeconfig it uses the in-cluster
+    # service account, then the usual kubeconfig (KUBECONFIG, ~/.kube/config).
+    kubernetes_kubeconfig: str | None = None
+    kubernetes_namespace: str = "enclave-sessions"
+    kubernetes_runtime_class: str | None = None
+    # The egress proxy's Service: its cluster IP, port and selector are read
+    # from the API server, so that sessions reach the proxy with no DNS.
+    kubernetes_egress_namespace: str = "enclave"
+    kubernetes_egress_service: str = "enclave-egress"
+    kubernetes_request_timeout_s: float = 10.0
+    # Time for a Pod to be scheduled and pull its image before it runs.
+    kubernetes_start_timeout_s: float = 120.0
+    # How long a running session may lose the API server before its launch
+    # gives up on it (the Pod's own deadline still ends it).
+    kubernetes_api_grace_s: float = 60.0
+
     simulator_step_s: float = 0.05
+
+    # Private git sources (enclave.broker): the GitHub App that mints tokens,
+    # the host its repositories live on, and what each org may clone.
+    github_app_id: str | None = None
+    github_app_private_key: str | None = field(default=None, repr=False)
+    github_app_private_key_file: str | None = None
+    github_api_url: str = "https://api.github.com"
+    github_host: str = "github.com"
+    github_api_timeout_s: float = 10.0
+    git_ca_bundle: str | None = None
+    git_entitlements: str | None = None
+    git_entitlements_file: str | None = None
+
+    # The egress proxy (`python -m enclave.egress`) and the path to it.
+    egress_proxy_address: str = "127.0.0.1:8180"
+    egress_sessions_dir: str | None = None
+    egress_ca_dir: str | None = None
+    egress_extra_ca_file: str | None = None
+    egress_bindings_file: str | None = None
+    egress_bindings: str | None = field(default=None, repr=False)
+    egress_resolve_overrides: str | None = None
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -112,6 +149,19 @@ class Settings:
                 f"{MIN_JWT_SECRET_BYTES} bytes (generate one with "
                 "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
             )
+        if self.egress_resolve_overrides and self.env != "test":
+            # Pointing names at chosen addresses turns the egress proxy's
+            # address checks off for them: only a test deployment may do that.
+            raise ConfigurationError(
+                "ENCLAVE_EGRESS_RESOLVE_OVERRIDES is refused unless ENCLAVE_ENV=test"
+            )
+        # Imported here: the egress package reads settings, not the reverse.
+        from enclave.egress.bindings import BindingConfig
+        from enclave.egress.resolver import parse_overrides
+
+        parse_overrides(self.egress_resolve_overrides)
+        # The shape only; values are looked at by the egress proxy alone.
+        BindingConfig.load(self)
         for name in Limits.FIELDS:
             if getattr(self.default_limits, name) > getattr(self.max_limits, name):
                 raise ConfigurationError(

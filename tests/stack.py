@@ -1,9 +1,10 @@
 """The service as a deployment runs it, started as real processes by a test.
 
 `ServiceStack` runs the same entry points a deployment does: the migrations
-once, then gunicorn serving `wsgi:app`, a number of RQ workers and the reaper,
-each a subprocess in a session of its own with stdout and stderr in a log
-file of its own, all configured through the environment alone.
+once, then gunicorn serving `wsgi:app`, a number of RQ workers, the reaper
+and, with `egress=True`, the egress proxy (waited for until it listens), each
+a subprocess in a session of its own with stdout and stderr in a log file of
+its own, all configured through the environment alone.
 
 Lifecycle: `start()` runs the migrations to completion (a failure stops
 everything and raises with the log), then starts the long-running processes;
@@ -25,6 +26,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -120,6 +122,7 @@ class ServiceStack:
     )
     worker_command: tuple[str, ...] = (sys.executable, "-m", "workers.worker")
     reaper_command: tuple[str, ...] = (sys.executable, "-m", "workers.reaper")
+    egress_command: tuple[str, ...] = (sys.executable, "-m", "enclave.egress")
 
     def __init__(
         self,
@@ -130,6 +133,7 @@ class ServiceStack:
         workers: int = 2,
         backend: str = "simulator",
         reaper: bool = True,
+        egress: bool = False,
         env: Mapping[str, str | None] | None = None,
         stop_timeout: float = 10.0,
         migrate_timeout: float = 120.0,
@@ -149,12 +153,15 @@ class ServiceStack:
         # A queue of its own, so that a stack's workers never take another's jobs.
         self.queue_name = f"enclave-test-{secrets.token_hex(6)}"
         self.stack_id = secrets.token_hex(8)
+        # With `egress`, the proxy process runs too, on a port of its own.
+        self.egress_port = free_port() if egress else None
         self.env = self._environment(env or {})
 
         self.stop_timeout = stop_timeout
         self.migrate_timeout = migrate_timeout
         self._worker_count = workers
         self._with_reaper = reaper
+        self.egress: _Process | None = None
         self._processes: list[_Process] = []
         self.web: _Process | None = None
         self.workers: list[_Process] = []
@@ -174,6 +181,9 @@ class ServiceStack:
                 self.start_worker()
             if self._with_reaper:
                 self.reaper = self._spawn("reaper", self.reaper_command)
+            if self.egress_port is not None:
+                self.egress = self._spawn("egress", self.egress_command)
+                self._wait_for_egress()
         except BaseException:
             self.stop()
             raise
@@ -366,6 +376,23 @@ class ServiceStack:
         logger.debug("stack process started name=%s pid=%s", name, popen.pid)
         return process
 
+    def _wait_for_egress(self, timeout: float = 30.0) -> None:
+        """Wait until the egress proxy accepts connections on its port."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            try:
+                socket.create_connection(("127.0.0.1", self.egress_port), 1).close()
+                return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"the egress proxy did not listen within {timeout:.0f} s:\n"
+                    f"{self.log_tails()}"
+                )
+            time.sleep(0.1)
+
     def _check_alive(self) -> None:
         for process in self._processes:
             if process.name == "migrate" or process.killed:
@@ -397,6 +424,10 @@ class ServiceStack:
         rootfs = os.environ.get("ENCLAVE_TEST_SANDBOX_ROOTFS")
         if rootfs:
             environment["ENCLAVE_SANDBOX_ROOTFS"] = rootfs
+        if self.egress_port is not None:
+            environment["ENCLAVE_EGRESS_PROXY_ADDRESS"] = (
+                f"127.0.0.1:{self.egress_port}"
+            )
         for key, value in extra.items():
             if value is None:
                 environment.pop(key, None)

@@ -7,10 +7,16 @@ Lifecycle, in the RQ work horse:
 2. Take the lease (see `workers.lease`), so that the reaper can tell a live
    worker from a dead one, and listen for stop requests.
 3. Move to `provisioning`, audit `session.launched`, build the `LaunchSpec`
-   and hand it to the backend with a `SessionSink`.
+   and hand it to the backend with a `SessionSink`. A session with a
+   non-empty `egress.allow` first gets its path out
+   (`enclave.egress.sandbox.SessionEgress`: its directory, the bridge to the
+   egress proxy and its policy in Redis), which the backend mounts; when
+   that cannot be prepared the session fails without running.
 4. Whatever happens, the session ends with a result: a backend that raises or
    returns without one leaves it `failed` with a generic error.
-5. Release what the backend holds (`Orchestrator.reclaim`) and the lease.
+5. Remove the egress policy, bridge and directory as soon as the backend
+   returns, then release what the backend holds (`Orchestrator.reclaim`)
+   and the lease.
 """
 
 from __future__ import annotations
@@ -20,8 +26,11 @@ import logging
 import os
 import signal
 
+import redis
+
 from enclave import audit
 from enclave.db import connection
+from enclave.egress.sandbox import EgressUnavailable, SessionEgress
 from enclave.events.sink import SessionSink
 from enclave.models import Session
 from enclave.sessions.spec import (
@@ -126,7 +135,7 @@ def launch_session(session_id: str) -> None:
                 spec.org_id,
                 rt.backend.name,
             )
-            _run_on_backend(rt, spec, sink)
+            _run_with_egress(rt, spec, sink)
     finally:
         _reclaim(rt, session_id)
 
@@ -139,6 +148,32 @@ def _reclaim(rt, session_id: str) -> None:
                 rt.orchestrator.reclaim(session_id, actor="worker")
     except Exception:  # noqa: BLE001 - the session's outcome is recorded already
         logger.warning("reclaim failed session_id=%s", session_id, exc_info=True)
+
+
+def _run_with_egress(rt, spec: LaunchSpec, sink: SessionSink) -> None:
+    """Run the session, inside its path out when it has an allow-list."""
+    if not spec.egress.allow:
+        _run_on_backend(rt, spec, sink)
+        return
+
+    try:
+        egress = SessionEgress.open(rt.settings, rt.redis, spec)
+    except EgressUnavailable as exc:
+        logger.warning(
+            "egress unavailable session_id=%s error=%s", spec.session_id, exc
+        )
+        sink.result(SessionResult.failed(str(exc)))
+        return
+    except (OSError, redis.RedisError):
+        logger.exception("egress not prepared session_id=%s", spec.session_id)
+        sink.result(
+            SessionResult.failed("The session's network access could not be prepared.")
+        )
+        return
+    # Closed before the backend's resources are reclaimed: from here on the
+    # session's token is refused and its bridge is gone.
+    with egress:
+        _run_on_backend(rt, spec, sink)
 
 
 def _run_on_backend(rt, spec: LaunchSpec, sink: SessionSink) -> None:

@@ -5,6 +5,9 @@ Lifecycle of `launch`, which runs in an RQ worker and blocks until the end:
 1. Create the container from `settings.sandbox_image` with no network, a
    read-only root, tmpfs for `/tmp` and `/workspace`, a non-root user, every
    capability dropped, and the session's memory, CPU, pids and CPU-time limits.
+   A session with egress also gets its egress directory (prepared by the
+   worker's job, see `enclave.egress.sandbox`) bound read-only at
+   `/run/enclave`, and the bootstrap starts the relay there before the code.
    It is labelled with the session and organisation so that `teardown`, from
    any process, can find it again.
 2. Attach to its stdin, stdout and stderr *before* starting it, so that no
@@ -42,6 +45,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import docker
 import docker.errors
@@ -50,6 +54,7 @@ import urllib3.exceptions
 from docker.types import LogConfig, Ulimit
 
 from enclave.backends.base import BackendEventSink, BackendHealth
+from enclave.egress import sandbox as egress
 from enclave.errors import BackendError, BackendUnavailable
 from enclave.sessions.spec import (
     LANGUAGES,
@@ -66,7 +71,8 @@ LABEL_SESSION = "enclave.session_id"
 LABEL_ORG = "enclave.org_id"
 LABEL_LANGUAGE = "enclave.language"
 
-SANDBOX_USER = "1000:1000"
+SANDBOX_UID = 1000
+SANDBOX_USER = f"{SANDBOX_UID}:{SANDBOX_UID}"
 WORKDIR = "/workspace"
 TORN_DOWN_PREFIX = "enclave-torn-down-"
 
@@ -82,10 +88,11 @@ SANDBOX_ENVIRONMENT = {
     "PYTHONDONTWRITEBYTECODE": "1",
 }
 
-# Runs inside the container as `python3 -I -S -c BOOTSTRAP <language>`. It reads
-# "<length>\n" and then exactly that many bytes of code from stdin, one read at
-# a time so that nothing beyond the code is consumed: the rest of stdin stays
-# in the pipe for the interpreter it execs.
+# Runs inside the container as `python3 -I -S -c BOOTSTRAP <language> [relay…]`.
+# It reads "<length>\n" and then exactly that many bytes of code from stdin, one
+# read at a time so that nothing beyond the code is consumed: the rest of stdin
+# stays in the pipe for the interpreter it execs. With egress, the arguments
+# after the language start the relay, which then execs the interpreter.
 BOOTSTRAP = """\
 import os
 import sys
@@ -111,8 +118,13 @@ path = os.path.join(os.getcwd(), name)
 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 with os.fdopen(fd, "wb") as target:
     target.write(code)
+prefix = sys.argv[2:]
+if prefix:
+    os.execv(prefix[0], prefix + [interpreter, path])
 os.execv(interpreter, [os.path.basename(interpreter), path])
 """
+# The image's interpreter that runs the egress relay in front of the code.
+RELAY_PYTHON = "/usr/bin/python3"
 
 # Frames on an attached, non-TTY stream: stream id, three zero bytes, and the
 # payload length as a big-endian 32-bit integer.
@@ -196,6 +208,8 @@ class DockerBackend:
         if run is not None:
             run.stop(KillReason.TEARDOWN)
 
+        # What a job that died left of the session's egress directory.
+        egress.remove_session_directory(self.settings, session_id)
         # TODO: a teardown from another process that lands before `launch` has
         # created the container finds nothing, and the session then runs to
         # its own end; closing that gap needs a tombstone both sides can see.
@@ -248,17 +262,18 @@ class DockerBackend:
             return SessionResult.failed(
                 "sessions with a git source are not supported by the docker backend"
             )
+        egress_dir = None
         if spec.egress.allow:
-            # TODO: the egress relay (a socket directory bridged to the proxy) is
-            # not mounted yet, so such a session runs with no network at all.
-            logger.warning(
-                "egress allow-list ignored, no network session_id=%s backend=%s",
-                spec.session_id,
-                self.name,
-            )
+            egress_dir = egress.prepared_directory(self.settings, spec.session_id)
+            if egress_dir is None:
+                # Fail closed: the code must not run believing it has a network.
+                return SessionResult.failed(
+                    "the session's network access was not prepared"
+                )
+            egress.hand_over(egress_dir, SANDBOX_UID)
 
         try:
-            container = self._create(spec)
+            container = self._create(spec, egress_dir)
         except docker.errors.ImageNotFound:
             return SessionResult.failed(_missing_image(self.image))
         except BackendError as exc:
@@ -292,15 +307,23 @@ class DockerBackend:
                     exc_info=True,
                 )
 
-    def _create(self, spec: LaunchSpec):
+    def _create(self, spec: LaunchSpec, egress_dir: Path | None = None):
         limits = spec.limits
+        command = ["python3", "-I", "-S", "-c", BOOTSTRAP, spec.language]
+        volumes = {}
+        if egress_dir is not None:
+            # The directory, not the socket file: a socket bound into a
+            # container stays the old inode if the file is ever replaced.
+            volumes[str(egress_dir)] = {"bind": egress.MOUNT_POINT, "mode": "ro"}
+            command += egress.relay_command(RELAY_PYTHON)
         disk = f"{max(1, int(limits.disk_mb))}m"
         cpu_seconds = max(1, math.ceil(limits.cpu_s))
         memory = f"{int(limits.memory_mb)}m"
         with _engine_errors("creating the sandbox container"):
             return self._client().containers.create(
                 self.image,
-                command=["python3", "-I", "-S", "-c", BOOTSTRAP, spec.language],
+                command=command,
+                volumes=volumes,
                 name=_container_name(spec.session_id),
                 hostname="sandbox",
                 user=SANDBOX_USER,

@@ -19,7 +19,10 @@ Lifecycle of `launch`, which runs in an RQ worker and blocks until the end:
    handful of host directories with a synthesized `/etc`), size-limited tmpfs
    for `/tmp`, `/workspace` and `/dev/shm`, a fresh `/proc`, a minimal `/dev`,
    and the code as a read-only file. Code and synthesized files travel through
-   memfds, so the code never touches the host's disk.
+   memfds, so the code never touches the host's disk. A session with egress
+   also gets its egress directory (prepared by the worker's job, see
+   `enclave.egress.sandbox`) read-only at `/run/enclave`, and its code starts
+   through the relay there, which listens on the sandbox's 127.0.0.1:3128.
 4. The calling thread streams stdout and stderr to the sink as they are read,
    and kills the session when the wall clock runs out, the cgroup's CPU time
    passes `cpu_s`, the sink refuses more output, or a teardown marks the
@@ -34,8 +37,9 @@ Lifecycle of `launch`, which runs in an RQ worker and blocks until the end:
 
 `teardown` marks the state directory, kills through the recorded cgroup and
 pid, waits (bounded) for a running `launch` to let go of its lock, and then
-removes whatever is left. It is idempotent and needs nothing but the state
-directory, so any process of the deployment can call it.
+removes whatever is left, the session's egress directory included. It is
+idempotent and needs nothing but the state directory and the settings, so any
+process of the deployment can call it.
 
 Module constants stand in for settings this backend would otherwise need: the
 bwrap binary, the range of host uids sessions run as, and the host files
@@ -67,6 +71,7 @@ from pathlib import Path
 
 from enclave.backends import cgroups
 from enclave.backends.base import BackendEventSink, BackendHealth
+from enclave.egress import sandbox as egress
 from enclave.sessions.spec import KillReason, LaunchSpec, Limits, Phase, SessionResult
 
 logger = logging.getLogger(__name__)
@@ -174,6 +179,9 @@ class _Session:
     info_fd: int | None = None
     # bwrap's pid and its init's, with start times (see `_start_time`).
     record: dict = field(default_factory=dict)
+    # The session's egress directory and the relay's interpreter, with egress.
+    egress_dir: Path | None = None
+    relay_python: str | None = None
 
     def torn_down(self) -> bool:
         marked = (self.directory / TEARDOWN_MARKER).exists()
@@ -279,6 +287,7 @@ class LocalBackend:
             shutil.rmtree(directory, ignore_errors=True)
             for leftover in glob.glob(str(self.state_dir / f".{session_id}.*")):
                 shutil.rmtree(leftover, ignore_errors=True)
+            egress.remove_session_directory(self.settings, session_id)
         finally:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -325,22 +334,24 @@ class LocalBackend:
             raise SetupError(
                 "sessions with a git source are not supported by the local backend"
             )
-        if spec.egress.allow:
-            # TODO: the egress relay (a socket directory bridged to the proxy,
-            # and a listener on the sandbox's 127.0.0.1:3128) is not mounted
-            # yet, so such a session runs with no network at all.
-            logger.warning(
-                "egress allow-list ignored, no network session_id=%s backend=local",
-                spec.session_id,
-            )
         interpreter = self._interpreter(spec.language)
+        egress_dir, relay_python = self._egress(spec)
 
         lock_fd, directory = self._make_state_directory(spec.session_id)
         host_uid = sandbox_host_uid(spec.session_id) if os.geteuid() == 0 else None
         session = _Session(
-            spec=spec, directory=directory, lock_fd=lock_fd, host_uid=host_uid
+            spec=spec,
+            directory=directory,
+            lock_fd=lock_fd,
+            host_uid=host_uid,
+            egress_dir=egress_dir,
+            relay_python=relay_python,
         )
         try:
+            if egress_dir is not None:
+                egress.hand_over(
+                    egress_dir, host_uid if host_uid is not None else os.getuid()
+                )
             layout, _ = self._cgroups()
             if layout is not None:
                 try:
@@ -571,16 +582,20 @@ class LocalBackend:
     ) -> list[str]:
         _, arguments, filename = INTERPRETERS[spec.language]
         code_path = f"{WORKDIR}/{filename}"
-        argv = self._bwrap_arguments(spec.limits, session.fds)
+        argv = self._bwrap_arguments(spec.limits, session.fds, session.egress_dir)
         session.info_fd, info_writer = os.pipe2(os.O_CLOEXEC)
         session.fds.append(info_writer)
         argv += ["--info-fd", str(info_writer)]
         code_fd = _memfd("code", spec.code, session.fds)
         argv += ["--ro-bind-data", str(code_fd), code_path]
+        if session.relay_python is not None:
+            argv += egress.relay_command(session.relay_python)
         argv += [interpreter, *arguments, code_path]
         return argv
 
-    def _bwrap_arguments(self, limits: Limits, fds: list[int]) -> list[str]:
+    def _bwrap_arguments(
+        self, limits: Limits, fds: list[int], egress_dir: Path | None = None
+    ) -> list[str]:
         """bwrap's options up to the code and command: namespaces, mounts, env."""
         disk = str(max(1, int(limits.disk_mb)) * 1024 * 1024)
         argv = [
@@ -614,6 +629,12 @@ class LocalBackend:
         argv += ["--remount-ro", "/dev"]
         argv += ["--perms", "1777", "--size", disk, "--tmpfs", "/tmp"]
         argv += ["--perms", "0755", "--size", disk, "--tmpfs", WORKDIR]
+        if egress_dir is not None:
+            # /run is empty but for the egress directory, and read-only once
+            # the mount point exists in it.
+            argv += ["--perms", "0755", "--size", "65536", "--tmpfs", "/run"]
+            argv += ["--ro-bind", str(egress_dir), egress.MOUNT_POINT]
+            argv += ["--remount-ro", "/run"]
         if not self.rootfs:
             argv += ["--remount-ro", "/"]
         argv += ["--chdir", WORKDIR, "--clearenv"]
@@ -639,6 +660,26 @@ class LocalBackend:
         for name, content in SYNTHESIZED_ETC.items():
             argv += ["--ro-bind-data", str(_memfd(name, content, fds)), f"/etc/{name}"]
         return argv
+
+    def _egress(self, spec: LaunchSpec) -> tuple[Path | None, str | None]:
+        """The session's egress directory and the relay's interpreter, if any."""
+        if not spec.egress.allow:
+            return None, None
+        directory = egress.prepared_directory(self.settings, spec.session_id)
+        if directory is None:
+            # Fail closed: the code must not run believing it has a network.
+            raise SetupError("the session's network access was not prepared")
+        python = self._find_in_root(("python3",))
+        if python is None:
+            raise SetupError("the egress relay needs python3 in the sandbox's root")
+        if os.geteuid() == 0 and not egress.reachable_by_all(directory):
+            # bwrap binds it as the session's uid, which must pass through
+            # every directory above it.
+            raise SetupError(
+                "the egress directory is out of the sandbox's reach: every "
+                "directory above ENCLAVE_EGRESS_SESSIONS_DIR needs o+x"
+            )
+        return directory, python
 
     def _interpreter(self, language: str) -> str:
         names, _, _ = INTERPRETERS[language]

@@ -27,6 +27,7 @@ from enclave.auth.principal import Principal
 from enclave.backends.base import SessionBackend
 from enclave.config import Settings
 from enclave.db import write_transaction
+from enclave.egress.bindings import binding_config
 from enclave.errors import (
     Conflict,
     DependencyUnavailable,
@@ -93,7 +94,7 @@ class Orchestrator:
         idempotency_key: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Store, audit and enqueue a new session; (view, created)."""
-        self._check_request(request)
+        self._check_request(request, principal.org_id)
         fingerprint = request_fingerprint(request)
         if idempotency_key is not None:
             earlier = self._replay_idempotent(principal, idempotency_key, fingerprint)
@@ -274,7 +275,7 @@ class Orchestrator:
 
     # -- inner steps -------------------------------------------------------------
 
-    def _check_request(self, request: dict[str, Any]) -> None:
+    def _check_request(self, request: dict[str, Any], org_id: str) -> None:
         errors: dict[str, Any] = {}
         if len(request["code"].encode()) > self.settings.max_code_bytes:
             errors["code"] = [f"Must be at most {self.settings.max_code_bytes} bytes."]
@@ -288,10 +289,13 @@ class Orchestrator:
             errors["limits"] = over
         bindings = request.get("service_bindings") or []
         if bindings:
-            # No service binding is configured for any organisation yet.
-            errors["service_bindings"] = [
-                f"Unknown service binding {name!r}." for name in bindings
-            ]
+            # Names only: a binding's value is the egress proxy's business.
+            known = binding_config(self.settings).names(org_id)
+            unknown = [name for name in bindings if name not in known]
+            if unknown:
+                errors["service_bindings"] = [
+                    f"Unknown service binding {name!r}." for name in unknown
+                ]
         if request.get("source"):
             errors["source"] = ["Git sources are not enabled on this deployment."]
         if errors:
