@@ -30,6 +30,12 @@ readonly SANDBOX_UID=1000
 readonly WORKDIR="/workspace"
 readonly RECIPE_LABEL="org.enclave.sandbox.recipe"
 readonly RECIPE_STAMP="etc/enclave-sandbox-recipe"
+# Programs from beside this script that run inside sandboxes, installed where
+# the kubernetes backend runs them (the other backends mount the same files
+# at the same place). Keep this list in step with the Dockerfile.
+readonly SOURCE_DIR="$(cd "$(dirname "$0")" && pwd)"
+readonly PROGRAM_DIR="/opt/enclave/sandbox"
+readonly SANDBOX_PROGRAMS=(launcher.py clone_step.py git_askpass.py relay.py node-proxy.js)
 
 image=""
 rootfs=""
@@ -85,7 +91,8 @@ parse_args() {
 recipe_hash() {
     # The script holds the whole recipe; the package list is hashed as well so
     # that the hash names what was installed even if it moves out one day.
-    { cat "$0"; printf '%s\n' "$SUITE" "$PACKAGES"; } | sha256sum | cut -c1-64
+    { cat "$0"; printf '%s\n' "$SUITE" "$PACKAGES"; (cd "$SOURCE_DIR" && cat "${SANDBOX_PROGRAMS[@]}"); } |
+        sha256sum | cut -c1-64
 }
 
 # Print the first archive URI from apt's configuration that serves $SUITE, or,
@@ -187,6 +194,8 @@ bootstrap() {
     useradd --root "$target" --uid "$SANDBOX_UID" --gid "$SANDBOX_UID" \
         --home-dir "/home/$SANDBOX_USER" --create-home --shell /bin/bash "$SANDBOX_USER"
     install -d -m 0755 -o "$SANDBOX_UID" -g "$SANDBOX_UID" "$target$WORKDIR"
+    install -d -m 0755 "$target$PROGRAM_DIR"
+    (cd "$SOURCE_DIR" && install -m 0755 "${SANDBOX_PROGRAMS[@]}" "$target$PROGRAM_DIR/")
 
     # Nothing of the build host belongs in the sandbox: its resolver and name
     # are replaced at run time anyway, and package caches only add weight.
@@ -243,6 +252,10 @@ main() {
     parse_args "$@"
     [[ "$(id -u)" -eq 0 ]] || die "debootstrap needs root; run this script as root"
     command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
+    local program
+    for program in "${SANDBOX_PROGRAMS[@]}"; do
+        [[ -f "$SOURCE_DIR/$program" ]] || die "$SOURCE_DIR/$program is missing"
+    done
     if [[ -n "$image" ]]; then
         command -v docker >/dev/null || die "the docker CLI is not installed"
         docker info >/dev/null 2>&1 || die "the Docker engine is not reachable (is dockerd running?)"
