@@ -2,8 +2,8 @@
 
 Lifecycle: pick the embedded defaults (SQLite under `var/`, a private
 `redis-server` on a free port, a JWT secret generated once and kept in
-`var/`), apply migrations, start the web, worker and reaper processes (and
-rq-dashboard on 127.0.0.1), run one demo session and print its events, print
+`var/`), apply migrations, start the web, worker, reaper and egress proxy
+processes (and rq-dashboard on 127.0.0.1), run one demo session and print its events, print
 a development token and curl lines, then supervise until Ctrl+C, when every
 process it started is stopped. Environment variables still win: set
 `ENCLAVE_REDIS_URL` to use a Redis that already runs, `ENCLAVE_BACKEND` to
@@ -77,6 +77,7 @@ class DevStack:
         env["PORT"] = str(self.port)
         env["HOST"] = "127.0.0.1"
         env.setdefault("WEB_CONCURRENCY", "1")
+        env.setdefault("ENCLAVE_EGRESS_PROXY_ADDRESS", f"127.0.0.1:{free_port()}")
         if "ENCLAVE_REDIS_URL" not in env:
             env["ENCLAVE_REDIS_URL"] = self._start_redis()
 
@@ -130,6 +131,7 @@ class DevStack:
         for index in range(self.workers):
             self._spawn(f"worker-{index}", [python, "-m", "workers.worker"])
         self._spawn("reaper", [python, "-m", "workers.reaper"])
+        self._spawn("egress", [python, "-m", "enclave.egress"])
         dashboard = shutil.which("rq-dashboard", path=str(Path(python).parent))
         if dashboard:
             self._spawn(
