@@ -13,6 +13,7 @@
 #   build-image.sh --rootfs DIR         only leave the root filesystem in DIR
 #   build-image.sh --rootfs DIR --image NAME:TAG    both, from one bootstrap
 #   build-image.sh --force              rebuild even when the recipe is current
+#   build-image.sh --print-mirror       print the Debian mirror it would use, and exit
 #
 # Environment:
 #   ENCLAVE_DEBIAN_MIRROR   the Debian archive URL to bootstrap from; by default
@@ -72,6 +73,10 @@ parse_args() {
             --force)
                 force=1
                 shift
+                ;;
+            --print-mirror)
+                choose_mirror
+                exit 0
                 ;;
             -h | --help)
                 usage 0

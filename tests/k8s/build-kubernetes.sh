@@ -20,7 +20,10 @@ readonly K8S_UPSTREAM_DIR=kubernetes-1.20.2
 readonly K8S_GIT_VERSION=v1.20.2
 readonly K8S_GIT_COMMIT=faecb196815e248d3ecfb03c680a4507229c2a56
 readonly REFLECT2_SRC=/usr/share/gocode/src/github.com/modern-go/reflect2
-readonly DEBIAN_MIRROR=http://deb.debian.org/debian
+# The mirror this machine's apt already uses (or ENCLAVE_DEBIAN_MIRROR), found
+# the same way the sandbox image's build finds it.
+DEBIAN_MIRROR=$(bash "$(dirname "$0")/../../enclave/sandbox/build-image.sh" --print-mirror)
+readonly DEBIAN_MIRROR
 
 prefix=/var/lib/enclave/k8s
 force=false
