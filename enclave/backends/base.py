@@ -7,6 +7,18 @@ carries the terminal phase. `launch` must call `result` even when the code never
 started (with `SessionResult.failed(...)`); if it raises instead, the worker
 records the session as failed.
 
+`launch` also takes `credentials`, a `SessionCredentials` (see
+`enclave.backends.k8s_objects`) holding the secrets of the launch, which a
+`LaunchSpec` never carries: the workload's proxy credentials and, for a
+session with a git source, the clone step's proxy credentials and the
+brokered git token. A backend runs the clone step apart from the workload,
+before it, with the token visible to the clone step alone and the checkout
+as the only thing the two share; the clone counts against the session's
+`timeout_s` and `disk_mb`, and `phase(RUNNING)` is reported only once the
+clone is over (the worker revokes the token then). On `local` and `docker`
+the clone step's egress directory is the one the worker prepared under the
+id `<session_id>` + `CLONE_EGRESS_SUFFIX`, the `clone_proxy` user name.
+
 `teardown(session_id)` stops whatever still runs for the session and reclaims
 everything the backend holds for it. It is idempotent, may be called from a
 process other than the one that launched the session, and may race with
@@ -16,9 +28,15 @@ process other than the one that launched the session, and may race with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from enclave.sessions.spec import LaunchSpec, Phase, SessionResult
+
+if TYPE_CHECKING:
+    from enclave.backends.k8s_objects import SessionCredentials
+
+# The clone step's egress id is the session's with this suffix.
+CLONE_EGRESS_SUFFIX = "-clone"
 
 
 class BackendEventSink(Protocol):
@@ -46,7 +64,13 @@ class BackendHealth:
 class SessionBackend(Protocol):
     name: str
 
-    def launch(self, spec: LaunchSpec, sink: BackendEventSink) -> None: ...
+    def launch(
+        self,
+        spec: LaunchSpec,
+        sink: BackendEventSink,
+        *,
+        credentials: SessionCredentials | None = None,
+    ) -> None: ...
 
     def teardown(self, session_id: str) -> None: ...
 

@@ -26,6 +26,19 @@ Lifecycle of `launch`, which runs in an RQ worker and blocks until the end:
 5. The container is removed and only then is the result reported, so that a
    finished session holds nothing on the engine.
 
+A session with a git source first gets a checkout directory of its own on
+the host, `<state_dir>/checkouts/<session_id>` (a tmpfs of `disk_mb` when the
+worker is root: a docker volume of the `local` driver cannot be a tmpfs
+that outlives one container), and an init container: the same
+image and confinement, running the clone step to completion with that volume
+bound at `/workspace`, the clone's own egress directory (prepared by the worker's
+job, allowing the git host alone) at `/run/enclave`, and the token file's
+directory at `/run/enclave-git`. Nothing else is shared: the workload
+container then binds the checkout at `/workspace` (its working directory)
+and gets its code in `/run/enclave-code`. The token file is deleted as soon
+as the init container has exited; the clone's time counts against
+`timeout_s`, and the workload gets what is left.
+
 `teardown` renames every container of the session before removing it. A
 `launch` running in another process cannot otherwise tell a teardown's kill
 from any other SIGKILL; the new name, or the container being gone, tells it.
@@ -35,10 +48,13 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import dataclasses
 import logging
 import math
+import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import threading
@@ -53,9 +69,21 @@ import requests.exceptions
 import urllib3.exceptions
 from docker.types import LogConfig, Ulimit
 
-from enclave.backends.base import BackendEventSink, BackendHealth
+from enclave.backends.base import (
+    CLONE_EGRESS_SUFFIX,
+    BackendEventSink,
+    BackendHealth,
+)
+from enclave.backends.local import mount_checkout, remove_checkout
+from enclave.broker.clone import (
+    TOKEN_DIR,
+    TOKEN_FILE_NAME,
+    CloneStep,
+    describe_clone_failure,
+)
 from enclave.egress import sandbox as egress
 from enclave.errors import BackendError, BackendUnavailable
+from enclave.sandbox import clone_step
 from enclave.sessions.spec import (
     LANGUAGES,
     KillReason,
@@ -70,11 +98,22 @@ LABEL_MANAGED = "enclave.managed"
 LABEL_SESSION = "enclave.session_id"
 LABEL_ORG = "enclave.org_id"
 LABEL_LANGUAGE = "enclave.language"
+LABEL_ROLE = "enclave.role"
 
 SANDBOX_UID = 1000
 SANDBOX_USER = f"{SANDBOX_UID}:{SANDBOX_UID}"
 WORKDIR = "/workspace"
+# With a git source the checkout is the working directory; the code goes here.
+SOURCE_CODE_DIR = "/run/enclave-code"
+# Under the state directory: where token files wait for their init container,
+# and where the checkouts are.
+TOKENS_DIR = "git-tokens"
+CHECKOUTS_DIR = "checkouts"
+# The clone step gets this much less than the time left, so that it reports
+# its own timeout before its container has to be killed.
+CLONE_GRACE_S = 2.0
 TORN_DOWN_PREFIX = "enclave-torn-down-"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 # The image's own PATH and LANG are repeated so that an image built some other
 # way still gives the workload the same environment. Nothing of the worker's
@@ -88,7 +127,8 @@ SANDBOX_ENVIRONMENT = {
     "PYTHONDONTWRITEBYTECODE": "1",
 }
 
-# Runs inside the container as `python3 -I -S -c BOOTSTRAP <language> [relay…]`.
+# Runs inside the container as
+# `python3 -I -S -c BOOTSTRAP <language> <code directory> [relay…]`.
 # It reads "<length>\n" and then exactly that many bytes of code from stdin, one
 # read at a time so that nothing beyond the code is consumed: the rest of stdin
 # stays in the pipe for the interpreter it execs. With egress, the arguments
@@ -114,11 +154,11 @@ interpreter, name = {
     "python": ("/usr/bin/python3", "main.py"),
     "node": ("/usr/bin/node", "main.js"),
 }[sys.argv[1]]
-path = os.path.join(os.getcwd(), name)
+path = os.path.join(sys.argv[2], name)
 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 with os.fdopen(fd, "wb") as target:
     target.write(code)
-prefix = sys.argv[2:]
+prefix = sys.argv[3:]
 if prefix:
     os.execv(prefix[0], prefix + [interpreter, path])
 os.execv(interpreter, [os.path.basename(interpreter), path])
@@ -178,12 +218,20 @@ class DockerBackend:
 
     # -- the protocol -----------------------------------------------------------
 
-    def launch(self, spec: LaunchSpec, sink: BackendEventSink) -> None:
+    def launch(
+        self, spec: LaunchSpec, sink: BackendEventSink, *, credentials=None
+    ) -> None:
+        """Run the session; `credentials` (a `SessionCredentials`) for a git source.
+
+        Only its `clone_proxy` (whose user names the clone's egress
+        directory) and `git_token` are used: the workload's proxy
+        credentials are in its own egress directory already.
+        """
         run = _Run(spec.session_id)
         with self._runs_lock:
             self._runs[spec.session_id] = run
         try:
-            result = self._launch(spec, sink, run)
+            result = self._launch(spec, sink, run, credentials)
         finally:
             with self._runs_lock:
                 if self._runs.get(spec.session_id) is run:
@@ -208,8 +256,12 @@ class DockerBackend:
         if run is not None:
             run.stop(KillReason.TEARDOWN)
 
-        # What a job that died left of the session's egress directory.
+        # What a job that died left of the session's egress directories.
         egress.remove_session_directory(self.settings, session_id)
+        egress.remove_session_directory(self.settings, session_id + CLONE_EGRESS_SUFFIX)
+        _remove_token_dir(self._token_dir(session_id))
+        if _SAFE_ID.match(session_id):
+            remove_checkout(self._checkout_dir(session_id))
         # TODO: a teardown from another process that lands before `launch` has
         # created the container finds nothing, and the session then runs to
         # its own end; closing that gap needs a tombstone both sides can see.
@@ -251,17 +303,12 @@ class DockerBackend:
         spec: LaunchSpec,
         sink: BackendEventSink,
         run: _Run,
+        credentials=None,
     ) -> SessionResult:
         sink.phase(Phase.PROVISIONING)
+        deadline = time.monotonic() + spec.limits.timeout_s
         if spec.language not in LANGUAGES:
             return SessionResult.failed(f"unsupported language {spec.language!r}")
-        if spec.source is not None:
-            # TODO: cloning a repository needs a clone step that gets the git
-            # token while the workload never does; until it exists a session
-            # with a source fails rather than running without its files.
-            return SessionResult.failed(
-                "sessions with a git source are not supported by the docker backend"
-            )
         egress_dir = None
         if spec.egress.allow:
             egress_dir = egress.prepared_directory(self.settings, spec.session_id)
@@ -271,9 +318,68 @@ class DockerBackend:
                     "the session's network access was not prepared"
                 )
             egress.hand_over(egress_dir, SANDBOX_UID)
+        if spec.source is None:
+            return self._launch_workload(spec, sink, run, egress_dir, None)
 
+        clone_proxy = getattr(credentials, "clone_proxy", None)
+        clone_dir = None
+        if clone_proxy is not None:
+            clone_dir = egress.prepared_directory(self.settings, clone_proxy.username)
+        if clone_dir is None:
+            return SessionResult.failed(
+                "the git source cannot be cloned: the clone step's network access "
+                "was not prepared"
+            )
+        egress.hand_over(clone_dir, SANDBOX_UID)
+        checkout = None
         try:
-            container = self._create(spec, egress_dir)
+            checkout = self._create_checkout(spec)
+            failed = self._clone(
+                spec,
+                run,
+                checkout,
+                clone_dir,
+                getattr(credentials, "git_token", None),
+                deadline,
+            )
+            if failed is not None:
+                return failed
+            left = max(1.0, deadline - time.monotonic())
+            remaining = dataclasses.replace(
+                spec, limits=dataclasses.replace(spec.limits, timeout_s=left)
+            )
+            return self._launch_workload(remaining, sink, run, egress_dir, checkout)
+        except OSError as exc:
+            logger.warning(
+                "checkout not prepared session_id=%s backend=%s error=%s",
+                spec.session_id,
+                self.name,
+                exc,
+            )
+            return SessionResult.failed("the session's checkout could not be prepared")
+        except docker.errors.ImageNotFound:
+            return SessionResult.failed(_missing_image(self.image))
+        except BackendError as exc:
+            logger.exception(
+                "checkout not prepared session_id=%s backend=%s",
+                spec.session_id,
+                self.name,
+            )
+            return SessionResult.failed(exc.message)
+        finally:
+            if checkout is not None:
+                remove_checkout(checkout)
+
+    def _launch_workload(
+        self,
+        spec: LaunchSpec,
+        sink: BackendEventSink,
+        run: _Run,
+        egress_dir: Path | None,
+        checkout: Path | None,
+    ) -> SessionResult:
+        try:
+            container = self._create(spec, egress_dir, checkout)
         except docker.errors.ImageNotFound:
             return SessionResult.failed(_missing_image(self.image))
         except BackendError as exc:
@@ -307,16 +413,30 @@ class DockerBackend:
                     exc_info=True,
                 )
 
-    def _create(self, spec: LaunchSpec, egress_dir: Path | None = None):
+    def _create(
+        self,
+        spec: LaunchSpec,
+        egress_dir: Path | None = None,
+        checkout: Path | None = None,
+    ):
         limits = spec.limits
-        command = ["python3", "-I", "-S", "-c", BOOTSTRAP, spec.language]
+        disk = f"{max(1, int(limits.disk_mb))}m"
+        code_dir = WORKDIR if checkout is None else SOURCE_CODE_DIR
+        command = ["python3", "-I", "-S", "-c", BOOTSTRAP, spec.language, code_dir]
         volumes = {}
+        tmpfs = {"/tmp": f"rw,nosuid,nodev,size={disk},mode=1777"}
+        workspace = f"rw,nosuid,nodev,size={disk},uid=1000,gid=1000,mode=0755"
+        if checkout is None:
+            tmpfs[WORKDIR] = workspace
+        else:
+            # The checkout, sized by disk_mb when it was made.
+            volumes[str(checkout)] = {"bind": WORKDIR, "mode": "rw"}
+            tmpfs[SOURCE_CODE_DIR] = workspace
         if egress_dir is not None:
             # The directory, not the socket file: a socket bound into a
             # container stays the old inode if the file is ever replaced.
             volumes[str(egress_dir)] = {"bind": egress.MOUNT_POINT, "mode": "ro"}
             command += egress.relay_command(RELAY_PYTHON)
-        disk = f"{max(1, int(limits.disk_mb))}m"
         cpu_seconds = max(1, math.ceil(limits.cpu_s))
         memory = f"{int(limits.memory_mb)}m"
         with _engine_errors("creating the sandbox container"):
@@ -345,10 +465,7 @@ class DockerBackend:
                 use_config_proxy=False,
                 network_mode="none",
                 read_only=True,
-                tmpfs={
-                    "/tmp": f"rw,nosuid,nodev,size={disk},mode=1777",
-                    WORKDIR: f"rw,nosuid,nodev,size={disk},uid=1000,gid=1000,mode=0755",
-                },
+                tmpfs=tmpfs,
                 shm_size=disk,
                 cap_drop=["ALL"],
                 security_opt=["no-new-privileges"],
@@ -472,6 +589,154 @@ class DockerBackend:
 
         reader.join(DRAIN_GRACE_S)
         return _natural_result(container, status, _elapsed_ms(started))
+
+    # -- the clone step -------------------------------------------------------------
+
+    def _checkout_dir(self, session_id: str) -> Path:
+        return Path(self.settings.state_dir) / CHECKOUTS_DIR / session_id
+
+    def _create_checkout(self, spec: LaunchSpec) -> Path:
+        """The session's empty checkout: a tmpfs of `disk_mb`, owned by the sandbox."""
+        if not _SAFE_ID.match(spec.session_id):
+            raise OSError("the session id is not usable as a directory name")
+        path = self._checkout_dir(spec.session_id)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        remove_checkout(path)
+        path.mkdir(mode=0o700)
+        try:
+            mount_checkout(path, spec.limits.disk_mb, SANDBOX_UID)
+        except BaseException:
+            remove_checkout(path)
+            raise
+        return path
+
+    def _token_dir(self, session_id: str) -> Path:
+        return Path(self.settings.state_dir) / TOKENS_DIR / session_id
+
+    def _clone(
+        self,
+        spec: LaunchSpec,
+        run: _Run,
+        checkout: Path,
+        clone_dir: Path,
+        token: str | None,
+        deadline: float,
+    ) -> SessionResult | None:
+        """Run the init container to its end; a result when the session cannot go on."""
+        source = spec.source
+        started = time.monotonic()
+        step = CloneStep(
+            url=source.url,
+            ref=source.ref,
+            dest=WORKDIR,
+            timeout_s=max(1.0, deadline - started - CLONE_GRACE_S),
+            token_file=f"{TOKEN_DIR}/{TOKEN_FILE_NAME}" if token else None,
+            python=RELAY_PYTHON,
+        )
+        volumes = {
+            str(checkout): {"bind": WORKDIR, "mode": "rw"},
+            str(clone_dir): {"bind": egress.MOUNT_POINT, "mode": "ro"},
+        }
+        token_dir = self._token_dir(spec.session_id)
+        if token:
+            _write_token(token_dir, token)
+            volumes[str(token_dir)] = {"bind": TOKEN_DIR, "mode": "ro"}
+        limits = spec.limits
+        memory = f"{int(limits.memory_mb)}m"
+        container = None
+        try:
+            with _engine_errors("creating the clone container"):
+                container = self._client().containers.create(
+                    self.image,
+                    command=egress.relay_command(RELAY_PYTHON) + step.argv(),
+                    volumes=volumes,
+                    name=_container_name(spec.session_id) + "-clone",
+                    hostname="sandbox",
+                    user=SANDBOX_USER,
+                    working_dir="/",
+                    environment={
+                        "PATH": SANDBOX_ENVIRONMENT["PATH"],
+                        "LANG": "C.UTF-8",
+                    },
+                    labels={
+                        LABEL_MANAGED: "true",
+                        LABEL_SESSION: spec.session_id,
+                        LABEL_ORG: spec.org_id,
+                        LABEL_ROLE: "clone",
+                    },
+                    use_config_proxy=False,
+                    network_mode="none",
+                    read_only=True,
+                    tmpfs={"/tmp": "rw,nosuid,nodev,size=16m,mode=1777"},
+                    cap_drop=["ALL"],
+                    security_opt=["no-new-privileges"],
+                    init=True,
+                    pids_limit=int(limits.pids),
+                    mem_limit=memory,
+                    memswap_limit=memory,
+                    nano_cpus=int(limits.cpus * 1e9),
+                    ulimits=[Ulimit(name="core", soft=0, hard=0)],
+                    # Its exit code is its whole report (see `clone_step`).
+                    log_config=LogConfig(type=LogConfig.types.NONE),
+                )
+            status = self._wait_for_clone(container, run, deadline)
+        finally:
+            # The clone is over (or never ran): the token file goes now, and
+            # the container with it.
+            _remove_token_dir(token_dir)
+            if container is not None:
+                with (
+                    contextlib.suppress(BackendError),
+                    _engine_errors("removing the clone container"),
+                ):
+                    _remove(container)
+
+        duration_ms = _elapsed_ms(started)
+        if run.stop_reason is KillReason.TEARDOWN or status is None:
+            return SessionResult.killed(KillReason.TEARDOWN, duration_ms=duration_ms)
+        code = status if isinstance(status, int) else clone_step.EXIT_TIMEOUT
+        if code == clone_step.EXIT_OK:
+            logger.info(
+                "clone finished session_id=%s backend=%s duration_ms=%s",
+                spec.session_id,
+                self.name,
+                duration_ms,
+            )
+            return None
+        logger.info(
+            "clone failed session_id=%s backend=%s exit_code=%s duration_ms=%s",
+            spec.session_id,
+            self.name,
+            code,
+            duration_ms,
+        )
+        error = describe_clone_failure(
+            code,
+            url=source.url,
+            ref=source.ref,
+            timeout_s=step.timeout_s,
+            with_token=token is not None,
+        )
+        return SessionResult.failed(error, duration_ms=duration_ms)
+
+    def _wait_for_clone(self, container, run: _Run, deadline: float):
+        """The init container's exit status, None if it is gone, else a sentinel.
+
+        Waited for in short steps so that a teardown is noticed; on a
+        teardown or at the deadline the container is killed.
+        """
+        if run.stop_reason is KillReason.TEARDOWN:
+            return None
+        with _engine_errors("starting the clone container"):
+            container.start()
+        status = _STILL_RUNNING
+        while status is _STILL_RUNNING:
+            left = deadline - time.monotonic()
+            if run.stop_reason is not None or left <= 0:
+                _kill(container)
+                return None if run.stop_reason is KillReason.TEARDOWN else status
+            status = _wait_for_exit(container, min(1.0, left))
+        return status
 
     # -- the engine ---------------------------------------------------------------
 
@@ -711,6 +976,30 @@ def _remove(container) -> None:
         # 409: a removal started by someone else is already under way.
         if exc.status_code != 409:
             raise
+
+
+def _write_token(directory: Path, token: str) -> None:
+    """The token in `directory/token`, readable by the sandbox's uid alone.
+
+    The directory is the only thing bound into the init container for it,
+    and nothing else ever mounts it.
+    """
+    directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _remove_token_dir(directory)
+    directory.mkdir(mode=0o700)
+    path = directory / TOKEN_FILE_NAME
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
+    try:
+        os.write(fd, token.encode())
+    finally:
+        os.close(fd)
+    if os.geteuid() == 0:
+        os.chown(path, SANDBOX_UID, SANDBOX_UID)
+        os.chown(directory, SANDBOX_UID, SANDBOX_UID)
+
+
+def _remove_token_dir(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _container_name(session_id: str) -> str:

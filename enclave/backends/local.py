@@ -35,6 +35,17 @@ Lifecycle of `launch`, which runs in an RQ worker and blocks until the end:
    where 128 + n means signal n), the cgroup and the state directory are
    removed, and only then is `result` reported.
 
+A session with a git source runs its clone step first, in a bubblewrap
+sandbox of its own made the same way (same uid, cgroup and limits), between
+steps 2 and 3. Its `/workspace` is the session's checkout directory (a tmpfs
+of `disk_mb` mounted on the host when the worker is root), its network the
+clone's own egress directory (prepared by the worker's job, allowing the git
+host alone), and the token a file at `/run/enclave-git/token` that bwrap
+fills from a memfd: it touches no disk and exists in that sandbox alone. The
+workload then gets the same checkout bound at `/workspace`, its working
+directory, and its code at `/run/enclave-code/` instead. The clone's time
+counts against `timeout_s`: the workload gets what is left.
+
 `teardown` marks the state directory, kills through the recorded cgroup and
 pid, waits (bounded) for a running `launch` to let go of its lock, and then
 removes whatever is left, the session's egress directory included. It is
@@ -70,14 +81,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from enclave.backends import cgroups
-from enclave.backends.base import BackendEventSink, BackendHealth
+from enclave.backends.base import (
+    CLONE_EGRESS_SUFFIX,
+    BackendEventSink,
+    BackendHealth,
+)
+from enclave.broker.clone import (
+    PROGRAM_DIR,
+    TOKEN_DIR,
+    TOKEN_FILE_NAME,
+    CloneStep,
+    describe_clone_failure,
+)
 from enclave.egress import sandbox as egress
+from enclave.sandbox import clone_step
 from enclave.sessions.spec import KillReason, LaunchSpec, Limits, Phase, SessionResult
 
 logger = logging.getLogger(__name__)
 
 BWRAP = "bwrap"
 WORKDIR = "/workspace"
+# With a git source the checkout is the working directory, so the code lives
+# apart from it.
+SOURCE_CODE_DIR = "/run/enclave-code"
+# Sessions' checkouts, under the egress sessions directory: like the egress
+# directories, bwrap binds them as the session's uid, which must reach them.
+CHECKOUTS_DIR = ".checkouts"
+# The clone step gets this much less than the time left, so that it reports
+# its own timeout before the backend has to kill it.
+CLONE_GRACE_S = 2.0
 
 # The uid and gid the code sees inside its user namespace.
 SANDBOX_UID = 1000
@@ -182,6 +214,14 @@ class _Session:
     # The session's egress directory and the relay's interpreter, with egress.
     egress_dir: Path | None = None
     relay_python: str | None = None
+    # With a git source: the checkout on the host, the clone step's egress
+    # directory and the token (None for a public repository).
+    checkout: Path | None = None
+    checkout_mounted: bool = False
+    clone_egress_dir: Path | None = None
+    git_token: str | None = field(default=None, repr=False)
+    # When the session's time runs out (monotonic), clone included.
+    deadline: float | None = None
 
     def torn_down(self) -> bool:
         marked = (self.directory / TEARDOWN_MARKER).exists()
@@ -227,10 +267,19 @@ class LocalBackend:
 
     # -- the protocol ---------------------------------------------------------
 
-    def launch(self, spec: LaunchSpec, sink: BackendEventSink) -> None:
+    def launch(
+        self, spec: LaunchSpec, sink: BackendEventSink, *, credentials=None
+    ) -> None:
+        """Run the session; `credentials` (a `SessionCredentials`) for a git source.
+
+        Only its `clone_proxy` (whose user names the clone's egress
+        directory) and `git_token` are used: the workload's proxy
+        credentials are in its own egress directory already.
+        """
         sink.phase(Phase.PROVISIONING)
+        deadline = time.monotonic() + spec.limits.timeout_s
         try:
-            session = self._prepare(spec)
+            session = self._prepare(spec, credentials, deadline)
         except SetupError as exc:
             logger.warning(
                 "session could not start session_id=%s backend=local error=%s",
@@ -287,7 +336,11 @@ class LocalBackend:
             shutil.rmtree(directory, ignore_errors=True)
             for leftover in glob.glob(str(self.state_dir / f".{session_id}.*")):
                 shutil.rmtree(leftover, ignore_errors=True)
+            remove_checkout(self._checkout_path(session_id))
             egress.remove_session_directory(self.settings, session_id)
+            egress.remove_session_directory(
+                self.settings, session_id + CLONE_EGRESS_SUFFIX
+            )
         finally:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -322,20 +375,14 @@ class LocalBackend:
 
     # -- launching ------------------------------------------------------------
 
-    def _prepare(self, spec: LaunchSpec) -> _Session:
+    def _prepare(self, spec: LaunchSpec, credentials, deadline: float) -> _Session:
         if not SESSION_ID.match(spec.session_id):
             raise SetupError("the session id is not usable as a sandbox name")
         if spec.language not in INTERPRETERS:
             raise SetupError(f"language {spec.language!r} is not supported")
-        if spec.source is not None:
-            # TODO: cloning a repository needs a clone step that gets the git
-            # token while the workload never does; until it exists a session
-            # with a source fails rather than running without its files.
-            raise SetupError(
-                "sessions with a git source are not supported by the local backend"
-            )
         interpreter = self._interpreter(spec.language)
         egress_dir, relay_python = self._egress(spec)
+        clone_egress_dir = self._clone_egress(spec, credentials)
 
         lock_fd, directory = self._make_state_directory(spec.session_id)
         host_uid = sandbox_host_uid(spec.session_id) if os.geteuid() == 0 else None
@@ -346,12 +393,17 @@ class LocalBackend:
             host_uid=host_uid,
             egress_dir=egress_dir,
             relay_python=relay_python,
+            clone_egress_dir=clone_egress_dir,
+            git_token=getattr(credentials, "git_token", None),
+            deadline=deadline,
         )
         try:
+            sandbox_uid = host_uid if host_uid is not None else os.getuid()
             if egress_dir is not None:
-                egress.hand_over(
-                    egress_dir, host_uid if host_uid is not None else os.getuid()
-                )
+                egress.hand_over(egress_dir, sandbox_uid)
+            if clone_egress_dir is not None:
+                egress.hand_over(clone_egress_dir, sandbox_uid)
+                self._make_checkout(session, sandbox_uid)
             layout, _ = self._cgroups()
             if layout is not None:
                 try:
@@ -379,6 +431,10 @@ class LocalBackend:
         if session.torn_down():
             # Torn down between taking the state directory and now.
             return SessionResult.killed(KillReason.TEARDOWN, duration_ms=0)
+        if spec.source is not None:
+            failed = self._clone(session, setup)
+            if failed is not None:
+                return failed
         started = time.monotonic()
         try:
             process = subprocess.Popen(
@@ -446,7 +502,7 @@ class LocalBackend:
     ) -> _Outcome:
         """Stream output and enforce the limits until the session is over."""
         limits = session.spec.limits
-        deadline = started + limits.timeout_s
+        deadline = session.deadline or started + limits.timeout_s
         outcome = _Outcome()
         killed_at: float | None = None
         muted = False
@@ -546,6 +602,8 @@ class LocalBackend:
                         session.cgroup.directories,
                     )
             shutil.rmtree(session.directory, ignore_errors=True)
+            if session.checkout is not None:
+                remove_checkout(session.checkout)
         finally:
             os.close(session.lock_fd)
 
@@ -575,28 +633,198 @@ class LocalBackend:
             raise SetupError("a sandbox of this session is already running") from exc
         return lock_fd, directory
 
+    # -- the clone step -------------------------------------------------------
+
+    def _clone_egress(self, spec: LaunchSpec, credentials) -> Path | None:
+        """The clone step's egress directory, for a session with a git source."""
+        if spec.source is None:
+            return None
+        clone_proxy = getattr(credentials, "clone_proxy", None)
+        directory = None
+        if clone_proxy is not None:
+            directory = egress.prepared_directory(self.settings, clone_proxy.username)
+        if directory is None:
+            raise SetupError(
+                "the git source cannot be cloned: the clone step's network access "
+                "was not prepared"
+            )
+        if self._find_in_root(("git",)) is None:
+            raise SetupError("the clone step needs git in the sandbox's root")
+        if self._find_in_root(("python3",)) is None:
+            raise SetupError("the clone step needs python3 in the sandbox's root")
+        if self.rootfs and not os.path.isfile(
+            os.path.join(self.rootfs, PROGRAM_DIR.lstrip("/"), "clone_step.py")
+        ):
+            raise SetupError(
+                f"the sandbox root filesystem lacks {PROGRAM_DIR}/clone_step.py; "
+                "rebuild it with enclave/sandbox/build-image.sh"
+            )
+        if os.geteuid() == 0 and not egress.reachable_by_all(directory):
+            raise SetupError(
+                "the clone's egress directory is out of the sandbox's reach: "
+                "every directory above ENCLAVE_EGRESS_SESSIONS_DIR needs o+x"
+            )
+        return directory
+
+    def _checkout_path(self, session_id: str) -> Path:
+        return egress.sessions_directory(self.settings) / CHECKOUTS_DIR / session_id
+
+    def _make_checkout(self, session: _Session, uid: int) -> None:
+        """The session's empty checkout directory, a tmpfs of `disk_mb` as root."""
+        path = self._checkout_path(session.spec.session_id)
+        path.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+        remove_checkout(path)
+        path.mkdir(mode=0o700)
+        session.checkout = path
+        try:
+            session.checkout_mounted = mount_checkout(
+                path, session.spec.limits.disk_mb, uid
+            )
+        except OSError as exc:
+            raise SetupError(str(exc)) from exc
+
+    def _clone(self, session: _Session, setup) -> SessionResult | None:
+        """Run the clone step to its end; a result when the session cannot go on."""
+        spec = session.spec
+        source = spec.source
+        started = time.monotonic()
+        left = session.deadline - started
+        with_token = session.git_token is not None
+        step = CloneStep(
+            url=source.url,
+            ref=source.ref,
+            dest=WORKDIR,
+            timeout_s=max(1.0, left - CLONE_GRACE_S),
+            token_file=f"{TOKEN_DIR}/{TOKEN_FILE_NAME}" if with_token else None,
+            python=self._find_in_root(("python3",)),
+        )
+        fds: list[int] = []
+        extra: tuple[str, ...] = ()
+        if not self.rootfs:
+            extra += ("--ro-bind", str(egress.SANDBOX_SOURCES), PROGRAM_DIR)
+        if with_token:
+            # The token reaches bwrap through a memfd and lands in a file of
+            # this sandbox alone; the workload's sandbox never has it.
+            token_fd = _memfd("git-token", session.git_token, fds)
+            path = f"{TOKEN_DIR}/{TOKEN_FILE_NAME}"
+            extra += ("--perms", "0400", "--ro-bind-data", str(token_fd), path)
+        argv = self._bwrap_arguments(
+            spec.limits,
+            fds,
+            session.clone_egress_dir,
+            workspace=session.checkout,
+            extra_run=extra,
+        )
+        argv += egress.relay_command(step.python) + step.argv()
+
+        try:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env={},
+                pass_fds=tuple(fds),
+                start_new_session=True,
+                preexec_fn=setup,  # noqa: PLW1509 - see `_run`
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            logger.exception(
+                "clone step could not start session_id=%s", spec.session_id
+            )
+            return SessionResult.failed(f"the clone step could not start: {exc}")
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        session.write_record(pid=process.pid, start_time=_start_time(process.pid))
+
+        reason = None
+        while process.poll() is None:
+            if session.torn_down():
+                reason = KillReason.TEARDOWN
+            elif time.monotonic() >= session.deadline:
+                reason = KillReason.TIMEOUT
+            if reason is not None:
+                _kill_session(session.cgroup, session.record, process)
+                process.wait()
+                break
+            time.sleep(POLL_S)
+        output = process.stdout.read(64 * 1024).decode(errors="replace")
+        process.stdout.close()
+        duration_ms = int((time.monotonic() - started) * 1000)
+
+        if reason is KillReason.TEARDOWN or session.torn_down():
+            return SessionResult.killed(KillReason.TEARDOWN, duration_ms=duration_ms)
+        code = clone_step.EXIT_TIMEOUT if reason is not None else process.returncode
+        if code == clone_step.EXIT_OK:
+            logger.info(
+                "clone finished session_id=%s backend=local duration_ms=%s commit=%s",
+                spec.session_id,
+                duration_ms,
+                _commit_of(output),
+            )
+            return None
+        error = describe_clone_failure(
+            code,
+            url=source.url,
+            ref=source.ref,
+            timeout_s=step.timeout_s,
+            with_token=with_token,
+        )
+        logger.info(
+            "clone failed session_id=%s backend=local exit_code=%s duration_ms=%s",
+            spec.session_id,
+            code,
+            duration_ms,
+        )
+        return SessionResult.failed(error, duration_ms=duration_ms)
+
     # -- the sandbox ----------------------------------------------------------
 
     def _command(
         self, spec: LaunchSpec, interpreter: str, session: _Session
     ) -> list[str]:
         _, arguments, filename = INTERPRETERS[spec.language]
-        code_path = f"{WORKDIR}/{filename}"
-        argv = self._bwrap_arguments(spec.limits, session.fds, session.egress_dir)
+        code_fd = _memfd("code", spec.code, session.fds)
+        if session.checkout is None:
+            code_path = f"{WORKDIR}/{filename}"
+            code_bind: tuple[str, ...] = ()
+        else:
+            code_path = f"{SOURCE_CODE_DIR}/{filename}"
+            code_bind = ("--ro-bind-data", str(code_fd), code_path)
+        argv = self._bwrap_arguments(
+            spec.limits,
+            session.fds,
+            session.egress_dir,
+            workspace=session.checkout,
+            extra_run=code_bind,
+        )
         session.info_fd, info_writer = os.pipe2(os.O_CLOEXEC)
         session.fds.append(info_writer)
         argv += ["--info-fd", str(info_writer)]
-        code_fd = _memfd("code", spec.code, session.fds)
-        argv += ["--ro-bind-data", str(code_fd), code_path]
+        if not code_bind:
+            argv += ["--ro-bind-data", str(code_fd), code_path]
         if session.relay_python is not None:
             argv += egress.relay_command(session.relay_python)
         argv += [interpreter, *arguments, code_path]
         return argv
 
     def _bwrap_arguments(
-        self, limits: Limits, fds: list[int], egress_dir: Path | None = None
+        self,
+        limits: Limits,
+        fds: list[int],
+        egress_dir: Path | None = None,
+        *,
+        workspace: Path | None = None,
+        extra_run: tuple[str, ...] = (),
     ) -> list[str]:
-        """bwrap's options up to the code and command: namespaces, mounts, env."""
+        """bwrap's options up to the code and command: namespaces, mounts, env.
+
+        `workspace` is a host directory bound at `/workspace` instead of a
+        fresh tmpfs (the checkout of a git source); `extra_run` are bwrap
+        options that place more read-only files under `/run`.
+        """
         disk = str(max(1, int(limits.disk_mb)) * 1024 * 1024)
         argv = [
             shutil.which(BWRAP) or BWRAP,
@@ -628,12 +856,18 @@ class LocalBackend:
         # cannot serve as a way around the disk limit.
         argv += ["--remount-ro", "/dev"]
         argv += ["--perms", "1777", "--size", disk, "--tmpfs", "/tmp"]
-        argv += ["--perms", "0755", "--size", disk, "--tmpfs", WORKDIR]
-        if egress_dir is not None:
-            # /run is empty but for the egress directory, and read-only once
-            # the mount point exists in it.
+        if workspace is None:
+            argv += ["--perms", "0755", "--size", disk, "--tmpfs", WORKDIR]
+        else:
+            # Sized on the host (a tmpfs of disk_mb) when the worker is root.
+            argv += ["--bind", str(workspace), WORKDIR]
+        if egress_dir is not None or extra_run:
+            # /run is empty but for what is placed in it here, and read-only
+            # once the mount points exist in it.
             argv += ["--perms", "0755", "--size", "65536", "--tmpfs", "/run"]
-            argv += ["--ro-bind", str(egress_dir), egress.MOUNT_POINT]
+            if egress_dir is not None:
+                argv += ["--ro-bind", str(egress_dir), egress.MOUNT_POINT]
+            argv += list(extra_run)
             argv += ["--remount-ro", "/run"]
         if not self.rootfs:
             argv += ["--remount-ro", "/"]
@@ -1042,6 +1276,60 @@ def _processes_of(uid: int) -> int:
                 if entry.stat().st_uid == uid:
                     count += 1
     return count
+
+
+def _commit_of(output: str) -> str | None:
+    """The commit id the clone step printed, if it printed one."""
+    for line in reversed(output.splitlines()):
+        try:
+            return str(json.loads(line)["commit"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def mount_checkout(path: Path, disk_mb: int, uid: int) -> bool:
+    """Make the empty directory `path` a tmpfs of `disk_mb` owned by `uid`.
+
+    Returns False, leaving a plain directory, when the worker is not root;
+    raises `OSError` when the mount fails. The docker backend uses it too.
+    """
+    if os.geteuid() != 0:
+        # TODO: without root no tmpfs can be mounted, so the checkout is a
+        # plain directory of the host's disk and disk_mb does not bound what
+        # the clone and the workload write into it.
+        if uid != os.getuid():
+            # Nothing but the uid's own write access can be given away
+            # without root: the checkout is then open to every local user.
+            os.chmod(path, 0o777)
+        return False
+    size = max(1, int(disk_mb)) * 1024 * 1024
+    options = f"size={size},mode=0755,uid={uid},gid={uid},nosuid,nodev"
+    completed = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "enclave-checkout", str(path)],
+        check=False,
+        capture_output=True,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        timeout=30,
+    )
+    if completed.returncode != 0:
+        raise OSError("the session's checkout directory could not be mounted")
+    return True
+
+
+def remove_checkout(path: Path) -> None:
+    """Unmount (when mounted) and delete a session's checkout; idempotent."""
+    if os.path.ismount(path):
+        # Lazily: a process of the session still holding it must not keep the
+        # mount (and its memory) alive once the session is over.
+        subprocess.run(
+            ["umount", "-l", str(path)],
+            check=False,
+            capture_output=True,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+            timeout=30,
+        )
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _memfd(name: str, content: str, fds: list[int]) -> int:

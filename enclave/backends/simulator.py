@@ -37,7 +37,11 @@ class SimulatorBackend:
         self._stops: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
 
-    def launch(self, spec: LaunchSpec, sink: BackendEventSink) -> None:
+    def launch(
+        self, spec: LaunchSpec, sink: BackendEventSink, *, credentials=None
+    ) -> None:
+        # `credentials` is accepted as the protocol asks and left unused: the
+        # simulator clones nothing and opens no network.
         with self._lock:
             stop = self._stops.setdefault(spec.session_id, threading.Event())
         try:

@@ -25,6 +25,12 @@ from rq.job import Job
 from enclave import audit
 from enclave.auth.principal import Principal
 from enclave.backends.base import SessionBackend
+from enclave.broker import (
+    CredentialBroker,
+    Entitlement,
+    GitSourceRefused,
+    validate_ref,
+)
 from enclave.config import Settings
 from enclave.db import write_transaction
 from enclave.egress.bindings import binding_config
@@ -38,6 +44,7 @@ from enclave.errors import (
 from enclave.events.log import publish, write_events
 from enclave.models import IdempotencyKey, Session, rfc3339, utcnow
 from enclave.sessions import control, lifecycle
+from enclave.sessions.public import public_view
 from enclave.sessions.spec import (
     ACTIVE_PHASES,
     TERMINAL_PHASES,
@@ -47,7 +54,6 @@ from enclave.sessions.spec import (
     fill_limits,
     limits_over,
 )
-from enclave.sessions.public import public_view
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +74,20 @@ class Orchestrator:
         client: redis.Redis,
         queue: Queue,
         backend: SessionBackend,
+        broker: CredentialBroker | None = None,
     ) -> None:
         self.settings = settings
         self.redis = client
         self.queue = queue
         self.backend = backend
+        self._broker = broker
+
+    @property
+    def broker(self) -> CredentialBroker:
+        """The credential broker, built from the settings on first use."""
+        if self._broker is None:
+            self._broker = CredentialBroker.from_settings(self.settings)
+        return self._broker
 
     # -- tenancy ---------------------------------------------------------------
 
@@ -95,6 +110,7 @@ class Orchestrator:
     ) -> tuple[dict[str, Any], bool]:
         """Store, audit and enqueue a new session; (view, created)."""
         self._check_request(request, principal.org_id)
+        entitlement = self._check_git_source(request, principal)
         fingerprint = request_fingerprint(request)
         if idempotency_key is not None:
             earlier = self._replay_idempotent(principal, idempotency_key, fingerprint)
@@ -144,6 +160,7 @@ class Orchestrator:
                         "limits": session.limits,
                         "egress": session.egress,
                         "service_bindings": session.service_bindings,
+                        "source": entitlement.audit_detail() if entitlement else None,
                     },
                 )
                 stored = write_events(
@@ -296,12 +313,37 @@ class Orchestrator:
                 errors["service_bindings"] = [
                     f"Unknown service binding {name!r}." for name in unknown
                 ]
-        if request.get("source"):
+        if request.get("source") and not self.broker.enabled:
             errors["source"] = ["Git sources are not enabled on this deployment."]
         if errors:
             raise ValidationFailed(
                 "The session request is not valid.", errors={"json": errors}
             )
+
+    def _check_git_source(
+        self, request: dict[str, Any], principal: Principal
+    ) -> Entitlement | None:
+        """The org's entitlement to the requested repository; refusals audited.
+
+        Nothing is minted here: the token is issued by the worker right before
+        the clone. A refusal reads the same whether the repository exists or
+        not, and lands on the org's own audit chain (there is no session yet).
+        """
+        git = (request.get("source") or {}).get("git")
+        if not git:
+            return None
+        validate_ref(git.get("ref"))
+        try:
+            return self.broker.check_entitlement(principal.org_id, git["url"])
+        except GitSourceRefused as exc:
+            audit.record(
+                f"org:{principal.org_id}",
+                org_id=principal.org_id,
+                actor=principal.subject,
+                action="git_source.refused",
+                detail=exc.audit_detail(),
+            )
+            raise
 
     def _replay_idempotent(
         self, principal: Principal, key: str, fingerprint: str
