@@ -37,6 +37,18 @@ DEMO_CODE = (
 )
 
 
+DASHBOARD_PORT = 9181
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -49,9 +61,13 @@ class DevStack:
         self.workers = workers
         self.exit_after_demo = exit_after_demo
         self.processes: list[tuple[str, subprocess.Popen]] = []
+        self.dashboard_port = DASHBOARD_PORT
         self.env = dict(os.environ)
 
     def run(self) -> int:
+        # SIGTERM (a supervisor, `timeout`) must stop the children too, so it
+        # unwinds through the same `finally` as Ctrl+C.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         VAR.mkdir(exist_ok=True)
         self._configure()
         try:
@@ -134,6 +150,9 @@ class DevStack:
         self._spawn("egress", [python, "-m", "enclave.egress"])
         dashboard = shutil.which("rq-dashboard", path=str(Path(python).parent))
         if dashboard:
+            # Another program (another `enclave dev`) may hold the usual port.
+            if not port_is_free(DASHBOARD_PORT):
+                self.dashboard_port = free_port()
             self._spawn(
                 "dashboard",
                 [
@@ -141,7 +160,7 @@ class DevStack:
                     "--bind",
                     "127.0.0.1",
                     "--port",
-                    "9181",
+                    str(self.dashboard_port),
                     "--redis-url",
                     self.env["ENCLAVE_REDIS_URL"],
                 ],
@@ -208,7 +227,8 @@ class DevStack:
             f'    curl -N {self.url("/sessions/<id>/stream")} -H "Authorization: Bearer $TOKEN"'
         )
         self._say(
-            f"API docs: {self.url('/docs')}   Queue dashboard: http://127.0.0.1:9181"
+            f"API docs: {self.url('/docs')}   "
+            f"Queue dashboard: http://127.0.0.1:{self.dashboard_port}"
         )
         self._say(
             f"Logs: {VAR}/*.log   New token: .venv/bin/python -m enclave token org_dev"

@@ -49,3 +49,44 @@ def test_dev_command_starts_the_service_and_runs_a_demo_session(tmp_path):
     assert secret not in out + finished.stderr
     for log in tmp_path.glob("*.log"):
         assert secret not in log.read_text(errors="replace")
+
+
+def test_dev_command_stops_everything_it_started_on_sigterm(tmp_path):
+    import signal
+    import time
+
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("ENCLAVE_") and key not in ("DATABASE_URL", "REDIS_URL")
+    }
+    env["ENCLAVE_DEV_DIR"] = str(tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "enclave", "dev", "--port", str(free_port())],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for line in process.stdout:
+            if line.startswith("Running."):
+                break
+        children = subprocess.run(
+            ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(children) >= 5  # redis, web, workers, reaper, egress
+
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+        deadline = time.monotonic() + 20
+        alive = children
+        while alive and time.monotonic() < deadline:
+            alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")]
+            time.sleep(0.2)
+        assert alive == []
+    finally:
+        if process.poll() is None:
+            process.kill()
