@@ -347,6 +347,10 @@ def test_git_source_checks_out_branch_tag_and_commit(stack, world, ref, label):
     assert session["source"] == {"git": {"url": repo_url("acme/app"), "ref": ref}}
     actions = [event["action"] for event in audit]
     assert actions.index("credential.issued") < actions.index("credential.revoked")
+    # The clone's own way out is reported as the session's.
+    assert {"host": GIT_HOST, "allowed": True} in [
+        {"host": e["host"], "allowed": e["allowed"]} for e in result["egress"]
+    ]
 
 
 def test_git_source_token_reaches_only_the_clone_step(stack, world):

@@ -214,9 +214,9 @@ def _run_session(rt, spec: LaunchSpec, sink: SessionSink) -> None:
         _run_on_backend(rt, spec, sink, credentials)
 
 
-def _open_egress(rt, spec: LaunchSpec) -> SessionEgress:
+def _open_egress(rt, spec: LaunchSpec, report_to: str | None = None) -> SessionEgress:
     try:
-        return SessionEgress.open(rt.settings, rt.redis, spec)
+        return SessionEgress.open(rt.settings, rt.redis, spec, report_to)
     except EgressUnavailable as exc:
         logger.warning(
             "egress unavailable session_id=%s error=%s", spec.session_id, exc
@@ -267,7 +267,8 @@ class _CloneAccess:
             egress=EgressPolicy(allow=(host,)),
             service_bindings=(),
         )
-        access = cls(rt, spec, _open_egress(rt, clone_spec))
+        # The clone's attempts are the session's: they go to its event log.
+        access = cls(rt, spec, _open_egress(rt, clone_spec, report_to=spec.session_id))
         try:
             access._issue()
         except BaseException:

@@ -286,7 +286,7 @@ class EgressAddon:
         started = time.monotonic()
         sink = SessionSink(
             self.redis,
-            policy.session_id,
+            policy.reporting_session,
             org_id=policy.org_id,
             output_bytes=0,
             actor="egress-proxy",

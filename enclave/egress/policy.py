@@ -42,6 +42,13 @@ class Policy:
     allow: tuple[str, ...]
     bindings: tuple[str, ...]
     token_sha256: str
+    # The session whose log receives this policy's reports: a clone step's
+    # policy reports to the session it clones for.
+    report_to: str | None = None
+
+    @property
+    def reporting_session(self) -> str:
+        return self.report_to or self.session_id
 
     def accepts(self, token: str) -> bool:
         """Whether `token` is this session's proxy token (in constant time)."""
@@ -54,6 +61,7 @@ class Policy:
                 "allow": list(self.allow),
                 "bindings": list(self.bindings),
                 "token_sha256": self.token_sha256,
+                "report_to": self.report_to,
             }
         )
 
@@ -66,6 +74,7 @@ class Policy:
             allow=tuple(data["allow"]),
             bindings=tuple(data["bindings"]),
             token_sha256=data["token_sha256"],
+            report_to=data.get("report_to"),
         )
 
 

@@ -112,17 +112,30 @@ def sandbox_environment(session_id: str, token: str) -> dict[str, str]:
 class SessionEgress:
     """What the worker holds for one session's egress while it runs."""
 
-    def __init__(self, settings, client: redis.Redis, spec: LaunchSpec) -> None:
+    def __init__(
+        self,
+        settings,
+        client: redis.Redis,
+        spec: LaunchSpec,
+        report_to: str | None = None,
+    ) -> None:
         self.settings = settings
         self.client = client
         self.spec = spec
+        self.report_to = report_to
         self.directory = session_directory(settings, spec.session_id)
         self.bridge: Bridge | None = None
         self._policy_written = False
 
     @classmethod
-    def open(cls, settings, client: redis.Redis, spec: LaunchSpec) -> Self:
-        egress = cls(settings, client, spec)
+    def open(
+        cls,
+        settings,
+        client: redis.Redis,
+        spec: LaunchSpec,
+        report_to: str | None = None,
+    ) -> Self:
+        egress = cls(settings, client, spec, report_to)
         try:
             egress._prepare()
         except BaseException:
@@ -196,6 +209,7 @@ class SessionEgress:
                 allow=tuple(spec.egress.allow),
                 bindings=tuple(spec.service_bindings),
                 token_sha256=policies.token_digest(token),
+                report_to=self.report_to,
             ),
             ttl_s=spec.limits.timeout_s,
         )
