@@ -221,7 +221,9 @@ def test_fork_bomb_is_contained_and_leaves_nothing_behind(stack, language):
     result = client.get(f"/sessions/{session_id}/result").json()
 
     assert result["phase"] == "killed"
-    assert result["kill_reason"] == "timeout"
+    # Thirty-odd processes spinning on fork() spend CPU time faster than the
+    # clock runs, so the CPU limit (the timeout, by default) may end it first.
+    assert result["kill_reason"] in ("timeout", "cpu")
     assert 0 < peak <= 32 + 2
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and (
