@@ -15,6 +15,7 @@ file beside the database.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
@@ -147,7 +148,13 @@ class DevStack:
         for index in range(self.workers):
             self._spawn(f"worker-{index}", [python, "-m", "workers.worker"])
         self._spawn("reaper", [python, "-m", "workers.reaper"])
-        self._spawn("egress", [python, "-m", "enclave.egress"])
+        if importlib.util.find_spec("mitmproxy") is not None:
+            self._spawn("egress", [python, "-m", "enclave.egress"])
+        else:
+            sys.stderr.write(
+                "enclave dev: mitmproxy is not installed (pip install -e '.[egress]'); "
+                "sessions with an egress allowlist will fail.\n"
+            )
         dashboard = shutil.which("rq-dashboard", path=str(Path(python).parent))
         if dashboard:
             # Another program (another `enclave dev`) may hold the usual port.
