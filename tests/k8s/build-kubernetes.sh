@@ -68,8 +68,12 @@ retry() {
 }
 
 server_built() {
-  [ -x "$bin/kube-apiserver" ] && [ -x "$bin/kube-controller-manager" ] &&
-    "$bin/kube-apiserver" --version 2>/dev/null | grep -qx "Kubernetes $K8S_GIT_VERSION"
+  [ -x "$bin/kube-apiserver" ] && [ -x "$bin/kube-controller-manager" ] || return 1
+  # Read the whole output first: with pipefail, a reader that stops early
+  # (grep -q, head) can fail the pipeline through SIGPIPE.
+  local version
+  version=$("$bin/kube-apiserver" --version 2>/dev/null) || return 1
+  [ "$version" = "Kubernetes $K8S_GIT_VERSION" ]
 }
 
 # Unpack one Debian binary package and install one program from it. dpkg -x
@@ -153,6 +157,6 @@ if [ "$force" = true ] || [ ! -x "$bin/kubectl" ]; then
 fi
 
 "$bin/kube-apiserver" --version
-"$bin/etcd" --version | head -n 1
+"$bin/etcd" --version | sed -n 1p
 "$bin/kubectl" version --client --short 2>/dev/null || "$bin/kubectl" version --client
 say "ready in $bin"
