@@ -237,17 +237,6 @@ class DockerBackend:
                 if self._runs.get(spec.session_id) is run:
                     del self._runs[spec.session_id]
 
-        logger.info(
-            "session finished session_id=%s org_id=%s backend=%s phase=%s "
-            "kill_reason=%s exit_code=%s duration_ms=%s",
-            spec.session_id,
-            spec.org_id,
-            self.name,
-            result.phase.value,
-            result.kill_reason.value if result.kill_reason else None,
-            result.exit_code,
-            result.duration_ms,
-        )
         sink.result(result)
 
     def teardown(self, session_id: str) -> None:

@@ -294,17 +294,6 @@ class LocalBackend:
         finally:
             self._release(session)
 
-        logger.info(
-            "session finished session_id=%s org_id=%s backend=local phase=%s "
-            "kill_reason=%s exit_code=%s signal=%s duration_ms=%s",
-            spec.session_id,
-            spec.org_id,
-            result.phase.value,
-            result.kill_reason.value if result.kill_reason else None,
-            result.exit_code,
-            result.signal,
-            result.duration_ms,
-        )
         sink.result(result)
 
     def teardown(self, session_id: str) -> None:

@@ -104,14 +104,17 @@ def finish_session(
             },
         )
     publish(client, session_id, stored)
+    # The one log line of a session's outcome, whichever process recorded it.
     logger.info(
-        "session finished session_id=%s org_id=%s phase=%s kill_reason=%s "
-        "exit_code=%s duration_ms=%s",
+        "session finished session_id=%s org_id=%s backend=%s phase=%s "
+        "kill_reason=%s exit_code=%s signal=%s duration_ms=%s",
         session_id,
         session.org_id,
+        session.backend,
         result.phase.value,
         updates["kill_reason"],
         result.exit_code,
+        result.signal,
         finished["duration_ms"],
     )
     return True
